@@ -1,0 +1,131 @@
+"""The ``competition`` command: demo, folds, train, predict, plugins."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from competition.errors import CompetitionError
+
+
+def _folds_arg(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected fold numbers like 0,2 — got {text!r}") from None
+
+
+def cmd_demo(args) -> None:
+    from competition.demo import run_demo
+
+    run_demo(args.overrides)
+
+
+def cmd_folds(args) -> None:
+    from competition.config import load_config
+    from competition.data import read_competition
+    from competition.folds import folds_path, load_or_make_folds
+
+    config = load_config(args.config, args.overrides)
+    competition = read_competition(config)
+    fold = load_or_make_folds(competition.train, config.competition.name, config.folds)
+    table = competition.train.assign(fold=fold)
+    counts = table.pivot_table(index="label", columns="fold", values="id", aggfunc="count", fill_value=0)
+    print(counts.to_string())
+    print(f"\n{len(table)} images, {config.folds.k} folds: {folds_path(config.competition.name, config.folds)}")
+
+
+def cmd_train(args) -> None:
+    from competition.config import load_config
+    from competition.cv import run_cv, summary_table
+
+    config = load_config(args.config, args.overrides)
+    cv = run_cv(config, folds=args.folds)
+    print(summary_table(cv))
+
+
+def cmd_predict(args) -> None:
+    from competition.config import apply_overrides
+    from competition.cv import predict_run, summary_table
+
+    flat: dict = {}
+    for item in args.overrides:
+        nested = apply_overrides({}, [item])
+        key = item.split("=", 1)[0]
+        node = nested
+        for part in key.split("."):
+            node = node[part]
+        flat[key] = node
+    cv = predict_run(Path(args.run_dir), flat)
+    print(summary_table(cv))
+
+
+def cmd_plugins(args) -> None:
+    from competition.manager import KINDS, components, get_plugin_manager
+
+    pm = get_plugin_manager()
+    print("plugins:")
+    for name, plugin in pm.list_name_plugin():
+        dist = next((d.project_name for p, d in pm.list_plugin_distinfo() if p is plugin), "built-in")
+        print(f"  {name}  ({dist})")
+    for kind in KINDS:
+        available = components(kind, pm)
+        names = sorted(available)
+        shown = names if len(names) <= 40 or args.all else names[:40]
+        more = "" if len(shown) == len(names) else f" ... and {len(names) - len(shown)} more (--all)"
+        print(f"\n{kind} ({len(names)}):")
+        for name in shown:
+            print(f"  {name:<32} {available.provider(name)}")
+        if more:
+            print(f"  {more.strip()}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="competition",
+        description="K-fold cross-validation, tuning and ensembling for image-classification competitions.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="build the digits demo competition and run it end to end")
+    demo.add_argument("overrides", nargs="*", help="config overrides, e.g. optim.epochs=3")
+    demo.set_defaults(func=cmd_demo)
+
+    folds = sub.add_parser("folds", help="make (or reuse) and show the folds of a competition")
+    folds.add_argument("config", help="YAML config, e.g. configs/trashnet.yaml")
+    folds.add_argument("overrides", nargs="*", help="config overrides key=value")
+    folds.set_defaults(func=cmd_folds)
+
+    train = sub.add_parser("train", help="train every fold, score CV and write the submission")
+    train.add_argument("config", help="YAML config, e.g. configs/trashnet.yaml")
+    train.add_argument("overrides", nargs="*", help="config overrides, e.g. optim.lr=0.01 name=exp2")
+    train.add_argument("--folds", type=_folds_arg, default=None, help="only these folds, e.g. 0,2")
+    train.set_defaults(func=cmd_train)
+
+    predict = sub.add_parser("predict", help="re-predict the test set from a finished run's folds")
+    predict.add_argument("run_dir", help="a run folder, e.g. runs/trashnet")
+    predict.add_argument("overrides", nargs="*", help="overrides such as tta=[identity,hflip]")
+    predict.set_defaults(func=cmd_predict)
+
+    plugins = sub.add_parser("plugins", help="list plugins and the components they provide")
+    plugins.add_argument("--all", action="store_true", help="list every component (timm has many)")
+    plugins.set_defaults(func=cmd_plugins)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CompetitionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished epochs are saved; run the same command again to resume.", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

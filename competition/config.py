@@ -1,0 +1,301 @@
+"""YAML -> typed, frozen config. ``key=value`` overrides; unknown keys and wrong types are rejected.
+
+Every section is a frozen dataclass; :func:`load_config` reads a YAML file, applies overrides such
+as ``optim.lr=0.01`` (values parsed as YAML) and checks every key against the dataclasses, naming
+the full key path in errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from competition.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class CompetitionConfig:
+    """Where the data is and how it is laid out."""
+
+    name: str = "competition"
+    layout: Literal["kaggle", "folders"] = "kaggle"
+    root: str = "."  # data folder; relative paths are relative to the repo root
+    # kaggle layout
+    train_csv: str = "train.csv"
+    id_column: str = "id"
+    label_column: str = "label"
+    group_column: str | None = None
+    train_images: str = "train"
+    image_pattern: str = "{id}"  # file name inside the image folder, e.g. "{id}.jpg"
+    test_images: str | None = "test"
+    test_csv: str | None = None  # ids of the test set; default: the sample submission's ids
+    sample_submission: str | None = "sample_submission.csv"
+    solution_csv: str | None = None  # labelled hidden test set, scored as "LB" when present
+    # folders layout: <root>/<train_dir>/<class>/*.jpg
+    train_dir: str = "train"
+    holdout_dir: str | None = None  # labelled class folders scored as "LB" (e.g. val)
+    test_dir: str | None = None  # unlabelled images to predict
+    classes: list[str] | None = None  # the class list; default: sorted labels of the train set
+    submission_format: Literal["label", "probabilities"] = "label"
+
+
+@dataclass(frozen=True)
+class FoldsConfig:
+    """How the train set is split."""
+
+    k: int = 5
+    seed: int = 42
+    method: Literal["stratified", "group", "stratified_group"] = "stratified"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Image sizes, cache and loaders."""
+
+    image_size: int = 224  # training resolution
+    eval_image_size: int | None = None  # FixRes: evaluate at another resolution (default: same)
+    crop_pct: float = 0.875  # cache at size / crop_pct; eval centre-crops back to size
+    resize: Literal["crop", "squash"] = "crop"  # keep aspect (centre crop) or squash to square
+    cache_dir: str = ".cache/images"
+    batch_size: int = 32
+    eval_batch_size: int | None = None
+    num_workers: int = 2
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network: a backbone by name, its weights, head and fine-tuning strategy."""
+
+    backbone: str = "resnet18"
+    pretrained: str | None = None  # a weights file, or a named weights package; never the network
+    pooling: Literal["avg", "gem"] = "avg"
+    head: Literal["linear", "cosine"] = "linear"
+    drop_rate: float = 0.0
+    finetune: Literal["full", "last_n", "head"] = "full"
+    last_n: int = 1  # stages trained with finetune=last_n
+    backbone_lr_factor: float = 1.0  # backbone LR = head LR x factor
+    channels_last: bool = True
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser and schedule: cosine with linear warm-up."""
+
+    name: Literal["sgd", "adamw"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    epochs: int = 10
+    warmup_epochs: float = 1.0
+    ema_decay: float | None = None  # exponential moving average of weights, e.g. 0.999
+    grad_clip: float | None = None
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The loss by name; ``params`` go to its factory."""
+
+    name: str = "cross_entropy"
+    params: dict[str, Any] = field(default_factory=lambda: {"label_smoothing": 0.1})
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    """One component by name with its parameters."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Per-sample CPU transforms (train/eval) and batch augmentations on the device, in order."""
+
+    train: list[TransformSpec] = field(
+        default_factory=lambda: [
+            TransformSpec("RandomResizedCrop", {"scale": [0.35, 1.0]}),
+            TransformSpec("HorizontalFlip"),
+        ]
+    )
+    eval: list[TransformSpec] = field(default_factory=lambda: [TransformSpec("CenterCrop")])
+    batch: list[TransformSpec] = field(default_factory=list)
+    mix_off_last_epochs: int = 0  # switch mixing augmentations off for the last N epochs
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run."""
+
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
+    amp: bool = True  # bf16/fp16 autocast on GPU
+    metric: str = "accuracy"
+    competition: CompetitionConfig = field(default_factory=CompetitionConfig)
+    folds: FoldsConfig = field(default_factory=FoldsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    tta: list[TransformSpec] = field(default_factory=lambda: [TransformSpec("identity")])
+
+    def data_root(self) -> Path:
+        """The competition's data folder, resolved against the repo root."""
+        return (REPO_ROOT / self.competition.root).resolve()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# -- building from plain data ---------------------------------------------------------------------
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (lists, nested configs)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} fits none of {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if tp is TransformSpec and isinstance(value, str):
+            value = {"name": value}
+        if tp is TransformSpec and isinstance(value, dict) and "params" not in value:
+            value = {"name": value.get("name"), "params": {k: v for k, v in value.items() if k != "name"}}
+        return build(tp, value, path)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r} (quote it in YAML)")
+        return value
+    raise ConfigError(f"{path}: unsupported type {_type_name(tp)}")
+
+
+def build(cls, data: Any, path: str = ""):
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys with the key path."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"{key_path}: unknown key.{hint} Known keys: {', '.join(names)}")
+        kwargs[key] = _convert(value, hints[key], key_path)
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and f.name not in kwargs
+    ]
+    if missing:
+        raise ConfigError(f"{path or 'config'}: missing required key(s) {', '.join(missing)}")
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``dotted.key=value`` strings (values parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value, e.g. optim.lr=0.01")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw  # not YAML (e.g. {id}.jpg): take the text as it is
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        return build(Config, data)
+    except ConfigError as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{exc}") from None
+
+
+def replace(config: Config, overrides: dict[str, Any]) -> Config:
+    """A copy of ``config`` with ``{"dotted.key": value}`` applied and validated."""
+    data = config.to_dict()
+    for key, value in overrides.items():
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return build(Config, data)

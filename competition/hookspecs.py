@@ -1,0 +1,123 @@
+"""Every extension point of the template, grouped by phase: the contract with plugins.
+
+A plugin is a module (or object) with functions named like these hooks and marked with
+``competition.hookimpl``. Built-in plugins live in ``plugins/``; third-party ones are found through
+the ``competition`` entry-point group.
+
+Two kinds of hooks:
+
+* ``competition_register_*``: every plugin contributes a mapping ``{name: factory}``; the config
+  picks a component by name. A later plugin (a user's) overrides a built-in of the same name.
+* ``competition_create_*``: one plugin answers (``firstresult``); built-ins are ``trylast`` so a
+  user's plugin wins.
+
+Hooks build callables once, at setup; the training loop calls those callables. No hook runs per batch.
+"""
+
+from __future__ import annotations
+
+from competition import hookspec
+
+# -- setup ----------------------------------------------------------------------------------------
+
+
+@hookspec(historic=True)
+def competition_configure(config):
+    """See the resolved, frozen :class:`competition.config.Config` once, before any work starts."""
+
+
+# -- components -----------------------------------------------------------------------------------
+
+
+@hookspec
+def competition_register_backbones():
+    """Return ``{name: factory}`` of backbones.
+
+    ``factory(model_config, num_classes) -> torch.nn.Module``. The module takes float images in
+    [0, 1], shape (B, 3, H, W), normalises them itself and returns logits (B, num_classes). It may
+    offer ``param_groups()`` (a list of ``{"params", "lr_scale"}`` dicts), ``data_config`` (a dict
+    with ``mean``, ``std``, ``input_size``, ``crop_pct``, ``interpolation``), ``stages()`` (the
+    modules of its stages, shallow to deep) and ``embed(x)`` (pooled features).
+    The mapping may be lazy (a ``collections.abc.Mapping`` over a whole model zoo).
+    """
+
+
+@hookspec
+def competition_register_losses():
+    """Return ``{name: factory}`` of losses.
+
+    ``factory(num_classes, class_counts, **params) -> torch.nn.Module`` whose
+    ``forward(logits, targets)`` accepts hard targets (LongTensor, (B,)) and soft targets (float,
+    (B, num_classes), rows summing to one) and returns a scalar.
+    """
+
+
+@hookspec
+def competition_register_sample_transforms():
+    """Return ``{name: factory}`` of per-sample CPU transforms (run in DataLoader workers).
+
+    ``factory(image_size, **params) -> transform``; ``transform(image)`` maps an HWC uint8 numpy
+    array to an HWC uint8 numpy array. A transform may offer ``set_seed(seed)``; the loader calls it
+    in each worker so runs are reproducible.
+    """
+
+
+@hookspec
+def competition_register_batch_augments():
+    """Return ``{name: factory}`` of batch augmentations, run on the model's device.
+
+    ``factory(**params) -> augment``; ``augment(images, targets) -> (images, targets)`` with images
+    float (B, 3, H, W) in [0, 1] and targets soft (B, num_classes). Shape, dtype and device are
+    kept; targets still sum to one. ``augment.mixes`` (bool) says whether it mixes samples (mixing
+    can be switched off for the last epochs); ``augment.attach(model)``, when present, is called
+    once after the model is built (feature-level augmentations such as manifold mixup).
+    """
+
+
+@hookspec
+def competition_register_tta():
+    """Return ``{name: factory}`` of test-time augmentation views.
+
+    ``factory(**params) -> view``; ``view(images) -> images`` for float (B, 3, H, W) in [0, 1]
+    (the size may change for models with global pooling). Predictions are averaged over views.
+    """
+
+
+@hookspec(firstresult=True)
+def competition_create_model(config, num_classes):
+    """Return the ``torch.nn.Module`` to train for ``config.model``; the first answer wins.
+
+    The built-in answer (``trylast``) looks ``config.model.backbone`` up among the registered
+    backbones. See :func:`competition_register_backbones` for what the module must do.
+    """
+
+
+# -- tuning ---------------------------------------------------------------------------------------
+
+
+@hookspec
+def competition_search_space(trial, config):
+    """Return ``{"dotted.key": value}`` suggested from the Optuna ``trial`` for this config."""
+
+
+# -- events (loggers, trackers, pruning) ----------------------------------------------------------
+
+
+@hookspec
+def competition_fold_start(fold, run_dir, config):
+    """A fold starts training; ``run_dir`` is the run's folder (``pathlib.Path``)."""
+
+
+@hookspec
+def competition_epoch_end(fold, epoch, metrics, run_dir):
+    """An epoch ended; ``metrics`` is the row written to ``fold_<k>/log.csv`` (a dict)."""
+
+
+@hookspec
+def competition_fold_end(fold, result, run_dir):
+    """A fold finished; ``result`` is its :class:`competition.engine.FoldResult`."""
+
+
+@hookspec
+def competition_run_end(run_dir, cv):
+    """A run finished; ``cv`` is the content of ``cv.json`` (a dict)."""

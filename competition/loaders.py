@@ -1,0 +1,88 @@
+"""Datasets and DataLoaders over the decode-once cache, with per-sample CPU transforms.
+
+Images stay uint8 until they reach the device; normalisation is the model's job.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from competition.config import TransformSpec
+from competition.errors import PluginError
+from competition.manager import resolve
+
+
+class SamplePipeline:
+    """Per-sample transforms applied in order; checks the output is (size, size, 3) uint8."""
+
+    def __init__(self, specs: list[TransformSpec], image_size: int, key: str, pm=None):
+        self.image_size = image_size
+        self.names = [spec.name for spec in specs]
+        self.transforms = []
+        for i, spec in enumerate(specs):
+            factory = resolve("sample_transforms", spec.name, f"{key}[{i}].name", pm)
+            self.transforms.append(factory(image_size, **spec.params))
+
+    def set_seed(self, seed: int) -> None:
+        for i, transform in enumerate(self.transforms):
+            if hasattr(transform, "set_seed"):
+                transform.set_seed(seed + i)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        for transform in self.transforms:
+            image = transform(image)
+        if image.shape != (self.image_size, self.image_size, 3) or image.dtype != np.uint8:
+            raise PluginError(
+                f"sample transforms {self.names} returned {image.dtype} {image.shape}, expected uint8 "
+                f"({self.image_size}, {self.image_size}, 3). End the pipeline with a transform that "
+                "outputs the image size (e.g. RandomResizedCrop or CenterCrop)."
+            )
+        return image
+
+
+class ImageDataset(Dataset):
+    """Items ``(uint8 CHW tensor, target)``; target is -1 for unlabelled images."""
+
+    def __init__(self, images: np.ndarray, targets, transform: SamplePipeline | None):
+        self.images = images
+        self.targets = np.full(len(images), -1) if targets is None else np.asarray(targets)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        image = np.asarray(self.images[index])
+        if self.transform is not None:
+            image = self.transform(image)
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        return tensor, int(self.targets[index])
+
+
+def _seed_worker(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    transform = info.dataset.transform
+    if transform is not None:
+        transform.set_seed(int(info.seed % 2**31))
+
+
+def make_loader(
+    dataset: ImageDataset, batch_size: int, train: bool, workers: int, seed: int, pin: bool = False
+) -> DataLoader:
+    """A loader that shuffles (and drops a ragged last batch) only for training."""
+    generator = torch.Generator().manual_seed(seed)
+    if workers == 0 and dataset.transform is not None:
+        dataset.transform.set_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train and len(dataset) > batch_size,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=pin,
+        worker_init_fn=_seed_worker,
+        generator=generator,
+    )

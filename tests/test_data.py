@@ -1,0 +1,147 @@
+"""Reading competitions: both layouts on the shared data, image decoding, the cache, bad input."""
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from competition.config import REPO_ROOT, load_config
+from competition.data import read_competition
+from competition.errors import DataError
+from competition.images import cached_images, decode
+from tests.conftest import CUB50, HYMENOPTERA, TRASHNET
+
+
+def test_kaggle_layout_trashnet():
+    competition = read_competition(load_config(REPO_ROOT / "configs" / "trashnet.yaml"))
+    assert competition.classes == ["cardboard", "glass", "metal", "paper", "plastic", "trash"]
+    assert len(competition.train) == 2021 and len(competition.test) == 506
+    assert competition.holdout is None
+    counts = dict(zip(competition.classes, competition.class_counts, strict=True))
+    assert counts["paper"] > 3 * counts["trash"]  # the natural imbalance the README describes
+
+
+def test_kaggle_layout_without_test_cub50():
+    competition = read_competition(load_config(REPO_ROOT / "configs" / "cub50.yaml"))
+    assert len(competition.classes) == 50 and len(competition.train) == 2952
+    assert competition.test is None
+    assert competition.train["path"].iloc[0].parent == (CUB50 / "images").resolve()
+
+
+def test_folder_layout_hymenoptera_with_holdout():
+    competition = read_competition(load_config(REPO_ROOT / "configs" / "hymenoptera.yaml"))
+    assert competition.classes == ["ants", "bees"]
+    assert len(competition.train) == 245 and len(competition.holdout) == 153
+    assert "ants/imageNotFound.gif" in set(competition.train["id"])
+
+
+def test_gif_placeholder_and_odd_modes_decode_to_rgb(tmp_path):
+    gif = decode(HYMENOPTERA / "train" / "ants" / "imageNotFound.gif", 40)
+    assert gif.shape == (40, 40, 3) and gif.dtype == np.uint8
+    photo = np.asarray(Image.open(TRASHNET / "train" / "t0000.jpg"))
+    modes = {
+        "L": Image.fromarray(photo[..., 0]),
+        "P": Image.fromarray(photo).convert("P"),
+        "RGBA": Image.fromarray(photo).convert("RGBA"),
+        "I;16": Image.fromarray(photo[..., 0].astype(np.uint16) * 257),
+    }
+    for mode, image in modes.items():
+        path = tmp_path / f"img_{mode.replace(';', '')}.png"
+        image.save(path)
+        out = decode(path, 32)
+        assert out.shape == (32, 32, 3), mode
+        # 16-bit is scaled to 8-bit, not clipped to white
+        assert 20 < out.mean() < 235, mode
+
+
+def test_cache_is_reused_and_invalidated_by_a_changed_file(tmp_path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for name in ("t0000.jpg", "t0001.jpg"):
+        shutil.copy(TRASHNET / "train" / name, images / name)
+    paths = sorted(images.iterdir())
+    first = cached_images(paths, 24, tmp_path / "cache", workers=1)
+    assert first.shape == (2, 24, 24, 3)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    cached_images(paths, 24, tmp_path / "cache", workers=1)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1  # reused
+    shutil.copy(TRASHNET / "train" / "t0002.jpg", paths[0])  # the file changes
+    second = cached_images(paths, 24, tmp_path / "cache", workers=1)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+    assert not np.array_equal(first[0], second[0])
+    cached_images(paths, 28, tmp_path / "cache", workers=1)  # another size
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 3
+
+
+# -- bad input --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def kaggle_copy(trashnet_small, tmp_path):
+    root = tmp_path / "comp"
+    shutil.copytree(trashnet_small, root)
+    return root
+
+
+def _config(root, *extra):
+    return load_config(REPO_ROOT / "configs" / "trashnet.yaml", [f"competition.root={root}", *extra])
+
+
+def test_missing_image_names_row_and_path(kaggle_copy):
+    (kaggle_copy / "train" / "t0000.jpg").unlink()
+    with pytest.raises(DataError, match=r"row 2: .*t0000\.jpg"):
+        read_competition(_config(kaggle_copy))
+
+
+def test_unreadable_image_names_the_file(kaggle_copy, tmp_path):
+    (kaggle_copy / "train" / "t0000.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match=r"t0000\.jpg: cannot read image"):
+        decode(kaggle_copy / "train" / "t0000.jpg", 32)
+
+
+def test_missing_column_names_file_column_and_key(kaggle_copy):
+    with pytest.raises(DataError, match=r"train\.csv: no column 'category' \(set by competition\.label_column\)"):
+        read_competition(_config(kaggle_copy, "competition.label_column=category"))
+
+
+def test_duplicate_ids(kaggle_copy):
+    train = pd.read_csv(kaggle_copy / "train.csv", dtype=str)
+    pd.concat([train, train.head(1)]).to_csv(kaggle_copy / "train.csv", index=False)
+    with pytest.raises(DataError, match=r"duplicate ids .*'t0000'"):
+        read_competition(_config(kaggle_copy))
+
+
+def test_labels_and_class_list_must_agree(kaggle_copy):
+    with pytest.raises(DataError, match=r"\['trash'\].*not in competition\.classes"):
+        read_competition(
+            _config(kaggle_copy, "competition.classes=[cardboard,glass,metal,paper,plastic]")
+        )
+    with pytest.raises(DataError, match=r"\['wood'\] .* never occur"):
+        read_competition(
+            _config(
+                kaggle_copy, "competition.classes=[cardboard,glass,metal,paper,plastic,trash,wood]"
+            )
+        )
+
+
+def test_test_id_missing_from_sample_submission(kaggle_copy):
+    sample = pd.read_csv(kaggle_copy / "sample_submission.csv", dtype=str)
+    sample[["image_id"]].to_csv(kaggle_copy / "test.csv", index=False)
+    sample.iloc[1:].to_csv(kaggle_copy / "sample_submission.csv", index=False)
+    with pytest.raises(DataError, match=r"test id '.*' is missing from .*sample_submission\.csv"):
+        read_competition(_config(kaggle_copy, "competition.test_csv=test.csv"))
+
+
+def test_id_escaping_the_data_folder(kaggle_copy):
+    train = pd.read_csv(kaggle_copy / "train.csv", dtype=str)
+    train.loc[0, "image_id"] = "../../etc/passwd"
+    train.to_csv(kaggle_copy / "train.csv", index=False)
+    with pytest.raises(DataError, match=r"row 2: id '\.\./\.\./etc/passwd' resolves to .* outside"):
+        read_competition(_config(kaggle_copy, "competition.image_pattern='{id}'"))
+
+
+def test_missing_data_folder():
+    with pytest.raises(DataError, match="data folder not found"):
+        read_competition(_config("/nonexistent/data"))
