@@ -31,9 +31,14 @@ def cmd_folds(args) -> None:
     competition = read_competition(config)
     fold = load_or_make_folds(competition.train, config.competition.name, config.folds)
     table = competition.train.assign(fold=fold)
-    counts = table.pivot_table(index="label", columns="fold", values="id", aggfunc="count", fill_value=0)
+    counts = table.pivot_table(
+        index="label", columns="fold", values="id", aggfunc="count", fill_value=0
+    )
     print(counts.to_string())
-    print(f"\n{len(table)} images, {config.folds.k} folds: {folds_path(config.competition.name, config.folds)}")
+    print(
+        f"\n{len(table)} images, {config.folds.k} folds: "
+        f"{folds_path(config.competition.name, config.folds)}"
+    )
 
 
 def cmd_train(args) -> None:
@@ -67,13 +72,17 @@ def cmd_plugins(args) -> None:
     pm = get_plugin_manager()
     print("plugins:")
     for name, plugin in pm.list_name_plugin():
-        dist = next((d.project_name for p, d in pm.list_plugin_distinfo() if p is plugin), "built-in")
+        dist = next(
+            (d.project_name for p, d in pm.list_plugin_distinfo() if p is plugin), "built-in"
+        )
         print(f"  {name}  ({dist})")
     for kind in KINDS:
         available = components(kind, pm)
         names = sorted(available)
         shown = names if len(names) <= 40 or args.all else names[:40]
-        more = "" if len(shown) == len(names) else f" ... and {len(names) - len(shown)} more (--all)"
+        more = (
+            "" if len(shown) == len(names) else f" ... and {len(names) - len(shown)} more (--all)"
+        )
         print(f"\n{kind} ({len(names)}):")
         for name in shown:
             print(f"  {name:<32} {available.provider(name)}")
@@ -84,7 +93,7 @@ def cmd_plugins(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="competition",
-        description="K-fold cross-validation, tuning and ensembling for image-classification competitions.",
+        description="K-fold CV, tuning and ensembling for image-classification competitions.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -99,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train every fold, score CV and write the submission")
     train.add_argument("config", help="YAML config, e.g. configs/trashnet.yaml")
-    train.add_argument("overrides", nargs="*", help="config overrides, e.g. optim.lr=0.01 name=exp2")
+    train.add_argument(
+        "overrides", nargs="*", help="config overrides, e.g. optim.lr=0.01 name=exp2"
+    )
     train.add_argument("--folds", type=_folds_arg, default=None, help="only these folds, e.g. 0,2")
     train.set_defaults(func=cmd_train)
 
@@ -122,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished epochs are saved; run the same command again to resume.", file=sys.stderr)
+        print(
+            "interrupted: finished epochs are saved; run the same command again to resume.",
+            file=sys.stderr,
+        )
         return 130
     return 0
 

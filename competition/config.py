@@ -165,7 +165,7 @@ def _type_name(tp) -> str:
 
 
 def _convert(value: Any, tp, path: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it converted (lists, nested configs)."""
+    """Check ``value`` against the annotation ``tp``; return it converted."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -198,7 +198,10 @@ def _convert(value: Any, tp, path: str) -> Any:
         if tp is TransformSpec and isinstance(value, str):
             value = {"name": value}
         if tp is TransformSpec and isinstance(value, dict) and "params" not in value:
-            value = {"name": value.get("name"), "params": {k: v for k, v in value.items() if k != "name"}}
+            value = {
+                "name": value.get("name"),
+                "params": {k: v for k, v in value.items() if k != "name"},
+            }
         return build(tp, value, path)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):

@@ -1,4 +1,4 @@
-"""The K-fold runner: folds -> one model per fold -> OOF table, CV score, test predictions, submission.
+"""The K-fold runner: folds -> a model per fold -> OOF, CV score, test predictions, submission.
 
 A run lives in ``runs/<name>/``; each finished fold leaves ``fold_<k>/result.json``, so a killed run
 resumes: finished folds are skipped and an unfinished fold resumes from its ``last.pt``.
@@ -50,7 +50,11 @@ def environment() -> dict:
             ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+            ["git", "status", "--porcelain"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, ""
@@ -99,8 +103,12 @@ class Run:
             table = getattr(self.competition, split)
             data = self.config.data
             self._images[split] = cached_images(
-                list(table["path"]), self.cache_side, REPO_ROOT / data.cache_dir, data.resize,
-                data.num_workers, desc=f"{self.config.competition.name}-{split}",
+                list(table["path"]),
+                self.cache_side,
+                REPO_ROOT / data.cache_dir,
+                data.resize,
+                data.num_workers,
+                desc=f"{self.config.competition.name}-{split}",
             )
         return self._images[split]
 
@@ -126,9 +134,13 @@ class Run:
     # -- components -------------------------------------------------------------------------------
 
     def create_model(self) -> torch.nn.Module:
-        model = self.pm.hook.competition_create_model(config=self.config, num_classes=len(self.classes))
+        model = self.pm.hook.competition_create_model(
+            config=self.config, num_classes=len(self.classes)
+        )
         if model is None:
-            raise PluginError("no plugin answered competition_create_model; is plugins.backbones blocked?")
+            raise PluginError(
+                "no plugin answered competition_create_model; is plugins.backbones blocked?"
+            )
         return model
 
     def create_loss(self, class_counts: list[int]) -> torch.nn.Module:
@@ -138,7 +150,9 @@ class Run:
     def create_batch_augments(self, model: torch.nn.Module) -> list:
         augments = []
         for i, spec in enumerate(self.config.augment.batch):
-            augment = resolve("batch_augments", spec.name, f"augment.batch[{i}].name", self.pm)(**spec.params)
+            augment = resolve("batch_augments", spec.name, f"augment.batch[{i}].name", self.pm)(
+                **spec.params
+            )
             if hasattr(augment, "attach"):
                 augment.attach(model)
             augments.append(augment)
@@ -162,8 +176,15 @@ class Run:
         counts = np.bincount(train_targets[train_index], minlength=len(self.classes)).tolist()
         model = self.create_model()
         trainer = FoldTrainer(
-            fold, model, self.create_loss(counts), self.create_batch_augments(model), config,
-            self.metric, fold_dir, self.device, len(self.classes),
+            fold,
+            model,
+            self.create_loss(counts),
+            self.create_batch_augments(model),
+            config,
+            self.metric,
+            fold_dir,
+            self.device,
+            len(self.classes),
             on_epoch_end=lambda epoch, row: self.pm.hook.competition_epoch_end(
                 fold=fold, epoch=epoch, metrics=row, run_dir=self.run_dir
             ),
@@ -182,22 +203,34 @@ class Run:
 
     def _predict(self, model, loader, desc: str) -> np.ndarray:
         return predict_probs(
-            model, loader, self.device, self.views, amp=self.config.amp and self.device.type == "cuda",
-            channels_last=self.config.model.channels_last, desc=desc,
+            model,
+            loader,
+            self.device,
+            self.views,
+            amp=self.config.amp and self.device.type == "cuda",
+            channels_last=self.config.model.channels_last,
+            desc=desc,
         )
 
-    def predict_fold(self, model: torch.nn.Module, fold: int, valid_index: np.ndarray | None) -> None:
+    def predict_fold(
+        self, model: torch.nn.Module, fold: int, valid_index: np.ndarray | None
+    ) -> None:
         """OOF rows (with TTA) and test / holdout probabilities of one fold's best model."""
         fold_dir = self.fold_dir(fold)
         if valid_index is not None:
             table = self.competition.train.iloc[valid_index]
             probs = self._predict(model, self.loader("train", valid_index), f"fold {fold} OOF")
-            oof = pd.DataFrame({"id": table["id"].to_numpy(), "fold": fold, "target": table["target"].to_numpy()})
+            oof = pd.DataFrame(
+                {"id": table["id"].to_numpy(), "fold": fold, "target": table["target"].to_numpy()}
+            )
             oof[self.classes] = probs
             write_csv(fold_dir / "oof.csv", oof)
         for split in ("test", "holdout"):
             if getattr(self.competition, split) is not None:
-                save_numpy(fold_dir / f"{split}_probs.npy", self._predict(model, self.loader(split), f"fold {fold} {split}"))
+                save_numpy(
+                    fold_dir / f"{split}_probs.npy",
+                    self._predict(model, self.loader(split), f"fold {fold} {split}"),
+                )
 
     # -- the whole run ----------------------------------------------------------------------------
 
@@ -234,16 +267,19 @@ class Run:
         return cv
 
     def summarise(self) -> dict:
-        """OOF table, cv.json, fold-mean test predictions, submission and report of finished folds."""
+        """OOF table, cv.json, fold-mean test predictions, submission and report."""
         done = [f for f in range(self.config.folds.k) if self.fold_done(f)]
         if not done:
             raise ConfigError(f"{self.run_dir}: no finished fold to summarise")
-        oof = pd.concat([pd.read_csv(self.fold_dir(f) / "oof.csv", dtype={"id": str}) for f in done])
+        oof = pd.concat(
+            [pd.read_csv(self.fold_dir(f) / "oof.csv", dtype={"id": str}) for f in done]
+        )
         write_csv(self.run_dir / "oof.csv", oof)
         probs = oof[self.classes].to_numpy()
         targets = oof["target"].to_numpy()
         scores = [
-            self.metric(targets[oof["fold"] == f], probs[(oof["fold"] == f).to_numpy()]) for f in done
+            self.metric(targets[oof["fold"] == f], probs[(oof["fold"] == f).to_numpy()])
+            for f in done
         ]
         cv = {
             "metric": self.metric.name,
@@ -255,7 +291,9 @@ class Run:
             "k": self.config.folds.k,
         }
         if self.competition.holdout is not None:
-            holdout = np.mean([np.load(self.fold_dir(f) / "holdout_probs.npy") for f in done], axis=0)
+            holdout = np.mean(
+                [np.load(self.fold_dir(f) / "holdout_probs.npy") for f in done], axis=0
+            )
             cv["lb"] = self.metric(self.competition.holdout["target"].to_numpy(), holdout)
         if self.competition.test is not None:
             test = np.mean([np.load(self.fold_dir(f) / "test_probs.npy") for f in done], axis=0)
@@ -305,7 +343,9 @@ def predict_run(run_dir: Path, overrides: dict | None = None, **paths) -> dict:
     for fold in range(config.folds.k):
         if run.fold_done(fold):
             model = run.create_model().to(run.device)
-            state = torch.load(run.fold_dir(fold) / "best.pt", map_location=run.device, weights_only=True)
+            state = torch.load(
+                run.fold_dir(fold) / "best.pt", map_location=run.device, weights_only=True
+            )
             model.load_state_dict(state["model"])
             run.predict_fold(model, fold, np.flatnonzero(run.fold_of == fold))
     cv = run.summarise()
@@ -327,4 +367,4 @@ def summary_table(cv: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Run", "run_cv", "predict_run", "summary_table", "load_run_config"]
+__all__ = ["Run", "load_run_config", "predict_run", "run_cv", "summary_table"]

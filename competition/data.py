@@ -1,4 +1,4 @@
-"""Reads a competition into tables: train (id, path, label, target[, group]), test, labelled holdout.
+"""Reads a competition into tables: train (id, path, label, target[, group]), test, holdout.
 
 Two layouts:
 
@@ -87,7 +87,9 @@ def _image_paths(ids: pd.Series, folder: Path, pattern: str, csv: Path) -> list[
             missing.append(f"row {row + 2}: {path}")
         paths.append(path)
     if missing:
-        shown = "; ".join(missing[:5]) + (f"; ... ({len(missing)} in all)" if len(missing) > 5 else "")
+        shown = "; ".join(missing[:5]) + (
+            f"; ... ({len(missing)} in all)" if len(missing) > 5 else ""
+        )
         raise DataError(
             f"{csv}: {len(missing)} image(s) not found: {shown}. "
             "Check competition.image_pattern and the image folder."
@@ -103,7 +105,8 @@ def _classes(labels: pd.Series, configured: list[str] | None, source: str) -> li
     if unknown:
         rows = labels.index[labels.isin(unknown)][:3]
         raise DataError(
-            f"{source}: label(s) {unknown} (e.g. row {rows[0] + 2}) are not in competition.classes. "
+            f"{source}: label(s) {unknown} (e.g. row {rows[0] + 2}) are not in "
+            "competition.classes. "
             "Add them to the class list or fix the labels."
         )
     unused = [c for c in configured if c not in set(found)]
@@ -141,7 +144,9 @@ def _read_kaggle(config: Config, root: Path) -> Competition:
     table = pd.DataFrame(
         {
             "id": train[cc.id_column],
-            "path": _image_paths(train[cc.id_column], root / cc.train_images, cc.image_pattern, train_csv),
+            "path": _image_paths(
+                train[cc.id_column], root / cc.train_images, cc.image_pattern, train_csv
+            ),
             "label": train[cc.label_column],
             "target": _targets(train[cc.label_column], classes, str(train_csv)),
         }
@@ -152,7 +157,9 @@ def _read_kaggle(config: Config, root: Path) -> Competition:
     sample = None
     if cc.sample_submission:
         sample_csv = root / cc.sample_submission
-        sample = _read_csv(sample_csv, "sample submission", "Set competition.sample_submission (or null).")
+        sample = _read_csv(
+            sample_csv, "sample submission", "Set competition.sample_submission (or null)."
+        )
         _require_columns(sample, sample_csv, {cc.id_column: "competition.id_column"})
         _check_unique(sample, cc.id_column, sample_csv)
 
@@ -167,7 +174,8 @@ def _read_kaggle(config: Config, root: Path) -> Competition:
                 absent = ids[~ids.isin(set(sample[cc.id_column]))]
                 if len(absent):
                     raise DataError(
-                        f"{test_csv}, row {absent.index[0] + 2}: test id {absent.iloc[0]!r} is missing "
+                        f"{test_csv}, row {absent.index[0] + 2}: test id {absent.iloc[0]!r} "
+                        "is missing "
                         f"from {root / cc.sample_submission} ({len(absent)} in all)."
                     )
         elif sample is not None:
@@ -178,20 +186,27 @@ def _read_kaggle(config: Config, root: Path) -> Competition:
                 "competition.sample_submission to list the test ids. Set one, or test_images: null."
             )
         test = pd.DataFrame(
-            {"id": ids, "path": _image_paths(ids, root / cc.test_images, cc.image_pattern, test_csv)}
+            {
+                "id": ids,
+                "path": _image_paths(ids, root / cc.test_images, cc.image_pattern, test_csv),
+            }
         )
 
     holdout = None
     if cc.solution_csv:
         solution_csv = root / cc.solution_csv
-        solution = _read_csv(solution_csv, "solution CSV", "Set competition.solution_csv (or null).")
+        solution = _read_csv(
+            solution_csv, "solution CSV", "Set competition.solution_csv (or null)."
+        )
         _require_columns(
             solution,
             solution_csv,
             {cc.id_column: "competition.id_column", cc.label_column: "competition.label_column"},
         )
         if test is None:
-            raise DataError(f"{solution_csv}: a solution CSV needs test images (competition.test_images).")
+            raise DataError(
+                f"{solution_csv}: a solution CSV needs test images (competition.test_images)."
+            )
         labels = dict(zip(solution[cc.id_column], solution[cc.label_column], strict=True))
         unlabelled = test["id"][~test["id"].isin(labels)]
         if len(unlabelled):
@@ -205,16 +220,22 @@ def _read_kaggle(config: Config, root: Path) -> Competition:
 
 
 def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
 
 
 def _read_class_folders(folder: Path, root: Path, classes: list[str] | None) -> pd.DataFrame:
     if not folder.is_dir():
-        raise DataError(f"{folder}: folder not found. Set competition.root / train_dir / holdout_dir.")
+        raise DataError(
+            f"{folder}: folder not found. Set competition.root / train_dir / holdout_dir."
+        )
     rows = []
     for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
         for path in _list_images(class_dir):
-            rows.append({"id": str(path.relative_to(folder)), "path": path, "label": class_dir.name})
+            rows.append(
+                {"id": str(path.relative_to(folder)), "path": path, "label": class_dir.name}
+            )
     if not rows:
         raise DataError(f"{folder}: no images found in class sub-folders ({folder}/<class>/*.jpg).")
     return pd.DataFrame(rows)
@@ -235,7 +256,9 @@ def _read_folders(config: Config, root: Path) -> Competition:
     if cc.test_dir:
         test_dir = root / cc.test_dir
         if not test_dir.is_dir():
-            raise DataError(f"{test_dir}: test folder not found. Set competition.test_dir (or null).")
+            raise DataError(
+                f"{test_dir}: test folder not found. Set competition.test_dir (or null)."
+            )
         paths = _list_images(test_dir)
         test = pd.DataFrame({"id": [str(p.relative_to(test_dir)) for p in paths], "path": paths})
     return Competition(cc.name, classes, train, test, holdout, None, "id", "label")

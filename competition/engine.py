@@ -43,7 +43,9 @@ class FoldResult:
 
 def config_hash(config: Config) -> str:
     """Identifies the training recipe, so a resume never mixes two recipes in one checkpoint."""
-    return hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha1(
+        json.dumps(config.to_dict(), sort_keys=True, default=str).encode()
+    ).hexdigest()
 
 
 def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
@@ -121,7 +123,9 @@ class FoldTrainer:
         self.ema = None
         if config.optim.ema_decay:
             self.ema = AveragedModel(
-                self.model, multi_avg_fn=get_ema_multi_avg_fn(config.optim.ema_decay), use_buffers=True
+                self.model,
+                multi_avg_fn=get_ema_multi_avg_fn(config.optim.ema_decay),
+                use_buffers=True,
             )
         fp16 = self.amp and not torch.cuda.is_bf16_supported()
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
@@ -131,7 +135,9 @@ class FoldTrainer:
     def _eval_model(self) -> torch.nn.Module:
         return self.ema.module if self.ema is not None else self.model
 
-    def _save_last(self, scheduler, epoch: int, best: float | None, best_epoch: int, history) -> None:
+    def _save_last(
+        self, scheduler, epoch: int, best: float | None, best_epoch: int, history
+    ) -> None:
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -173,11 +179,15 @@ class FoldTrainer:
         self.model.train()
         epochs, mix_off = self.config.optim.epochs, self.config.augment.mix_off_last_epochs
         augments = [
-            a for a in self.batch_augments if not (getattr(a, "mixes", False) and epoch >= epochs - mix_off)
+            a
+            for a in self.batch_augments
+            if not (getattr(a, "mixes", False) and epoch >= epochs - mix_off)
         ]
         total = torch.zeros((), device=self.device)
         seen = 0
-        bar = tqdm(loader, desc=f"fold {self.fold} epoch {epoch + 1}/{epochs}", unit="batch", leave=False)
+        bar = tqdm(
+            loader, desc=f"fold {self.fold} epoch {epoch + 1}/{epochs}", unit="batch", leave=False
+        )
         for step, (images, targets) in enumerate(bar):
             images = to_device(images, self.device, self.channels_last)
             targets = targets.to(self.device, non_blocking=True)
@@ -214,7 +224,7 @@ class FoldTrainer:
             )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
-            warmup_cosine(epochs * steps, int(round(self.config.optim.warmup_epochs * steps))),
+            warmup_cosine(epochs * steps, round(self.config.optim.warmup_epochs * steps)),
         )
         start, best, best_epoch, history = self._resume(scheduler)
         started = time.perf_counter()
@@ -223,15 +233,24 @@ class FoldTrainer:
             train_loss, seen = self._train_epoch(train_loader, scheduler, epoch)
             train_seconds = time.perf_counter() - tick
             probs = predict_probs(
-                self._eval_model(), val_loader, self.device, amp=self.amp,
-                channels_last=self.channels_last, desc="validate",
+                self._eval_model(),
+                val_loader,
+                self.device,
+                amp=self.amp,
+                channels_last=self.channels_last,
+                desc="validate",
             )
             score = self.metric(val_targets, probs)
-            val_loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(val_targets)), val_targets], 1e-15, 1))))
+            val_loss = float(
+                -np.mean(np.log(np.clip(probs[np.arange(len(val_targets)), val_targets], 1e-15, 1)))
+            )
             improved = self.metric.better(score, best)
             if improved:
                 best, best_epoch = score, epoch
-                save_torch(self.fold_dir / "best.pt", {"model": self._eval_model().state_dict(), "epoch": epoch})
+                save_torch(
+                    self.fold_dir / "best.pt",
+                    {"model": self._eval_model().state_dict(), "epoch": epoch},
+                )
             row = {
                 "epoch": epoch + 1,
                 "lr": self.optimizer.param_groups[0]["lr"],

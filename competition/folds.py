@@ -1,4 +1,4 @@
-"""Seeded folds (stratified, group, stratified-group), saved as ``folds/<name>-<k>fold-s<seed>.csv``.
+"""Seeded folds (stratified, group, stratified-group), saved as `folds/<name>-<k>fold-s<seed>.csv`.
 
 A saved file is reused while the train table (ids, labels, groups) is unchanged, and rebuilt, with
 a message, when it changed.
@@ -75,13 +75,13 @@ def _signature(train: pd.DataFrame) -> pd.DataFrame:
 def load_or_make_folds(
     train: pd.DataFrame, name: str, config: FoldsConfig, folds_dir: Path = FOLDS_DIR, log=print
 ) -> np.ndarray:
-    """Fold per row of ``train``: read from the saved file if it still matches, else made and saved."""
+    """Fold per row of ``train``: the saved file if it still matches, else new folds."""
     path = folds_path(name, config, folds_dir)
     current = _signature(train)
     if path.is_file():
         saved = pd.read_csv(path, dtype=str, keep_default_na=False)
         columns = list(current.columns)
-        if list(saved.columns) == columns + ["fold"] and saved[columns].equals(current):
+        if list(saved.columns) == [*columns, "fold"] and saved[columns].equals(current):
             return saved["fold"].astype(int).to_numpy()
         log(f"{path}: the train table changed since these folds were made; rebuilding them.")
     fold = assign_folds(train, config)

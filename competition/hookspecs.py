@@ -11,7 +11,8 @@ Two kinds of hooks:
 * ``competition_create_*``: one plugin answers (``firstresult``); built-ins are ``trylast`` so a
   user's plugin wins.
 
-Hooks build callables once, at setup; the training loop calls those callables. No hook runs per batch.
+Hooks build callables once, at setup; the training loop calls those callables.
+No hook runs per batch.
 """
 
 from __future__ import annotations

@@ -48,7 +48,9 @@ def decode(path: str | Path, side: int, mode: str = "crop") -> np.ndarray:
             image.seek(0)
             image = to_rgb(image)
     except Exception as exc:
-        raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc}). Replace or remove it.")
+        raise DataError(
+            f"{path}: cannot read image ({type(exc).__name__}: {exc}). Replace or remove it."
+        ) from exc
     if mode == "squash":
         image = image.resize((side, side), Image.BICUBIC)
     else:
@@ -69,7 +71,12 @@ def _decode_args(args):
 
 
 def cached_images(
-    paths: list[Path], side: int, cache_dir: Path, mode: str = "crop", workers: int = 2, desc="cache"
+    paths: list[Path],
+    side: int,
+    cache_dir: Path,
+    mode: str = "crop",
+    workers: int = 2,
+    desc="cache",
 ) -> np.ndarray:
     """A read-only memory map (N, side, side, 3) uint8 of ``paths``, built on first use."""
     paths = [Path(p) for p in paths]
@@ -79,7 +86,9 @@ def cached_images(
         return np.load(target, mmap_mode="r")
     cache_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), side, side, 3))
+        array = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.uint8, shape=(len(paths), side, side, 3)
+        )
         jobs = [(p, side, mode) for p in paths]
         bar = tqdm(total=len(paths), desc=f"decoding {desc} images", unit="img", leave=False)
         if workers > 1 and len(paths) > 64:

@@ -46,9 +46,8 @@ def write_csv(path: str | Path, frame: pd.DataFrame) -> None:
 
 
 def save_numpy(path: str | Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, array)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array)
 
 
 def save_torch(path: str | Path, obj) -> None:

@@ -35,8 +35,9 @@ class SamplePipeline:
             image = transform(image)
         if image.shape != (self.image_size, self.image_size, 3) or image.dtype != np.uint8:
             raise PluginError(
-                f"sample transforms {self.names} returned {image.dtype} {image.shape}, expected uint8 "
-                f"({self.image_size}, {self.image_size}, 3). End the pipeline with a transform that "
+                f"sample transforms {self.names} returned {image.dtype} {image.shape}, "
+                f"expected uint8 ({self.image_size}, {self.image_size}, 3). "
+                "End the pipeline with a transform that "
                 "outputs the image size (e.g. RandomResizedCrop or CenterCrop)."
             )
         return image

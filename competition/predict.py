@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from competition.config import Config, TransformSpec
+from competition.config import TransformSpec
 from competition.manager import resolve
 
 
@@ -41,7 +41,8 @@ def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -
 
 def tta_views(specs: list[TransformSpec], pm=None) -> list:
     return [
-        resolve("tta", spec.name, f"tta[{i}].name", pm)(**spec.params) for i, spec in enumerate(specs)
+        resolve("tta", spec.name, f"tta[{i}].name", pm)(**spec.params)
+        for i, spec in enumerate(specs)
     ]
 
 
@@ -69,4 +70,3 @@ def predict_probs(
             probs = p if probs is None else probs + p
         chunks.append((probs / len(views)).cpu())
     return torch.cat(chunks).numpy().astype(np.float64)
-

@@ -30,13 +30,19 @@ def write_report(run_dir: Path, cv: dict, oof: pd.DataFrame, classes: list[str])
         "",
         "| class | images | recall |",
         "|---|---|---|",
-        *[f"| {c} | {n} | {r:.3f} |" for c, n, r in zip(classes, matrix.sum(1), recall, strict=True)],
+        *[
+            f"| {c} | {n} | {r:.3f} |"
+            for c, n, r in zip(classes, matrix.sum(1), recall, strict=True)
+        ],
         "",
         "## Confusion matrix (rows: truth, columns: prediction)",
         "",
         "| | " + " | ".join(classes) + " |",
         "|---" * (len(classes) + 1) + "|",
-        *[f"| {c} | " + " | ".join(map(str, row)) + " |" for c, row in zip(classes, matrix, strict=True)],
+        *[
+            f"| {c} | " + " | ".join(map(str, row)) + " |"
+            for c, row in zip(classes, matrix, strict=True)
+        ],
         "",
     ]
     write_text(Path(run_dir) / "report.md", "\n".join(lines))

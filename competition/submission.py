@@ -24,7 +24,7 @@ def build_submission(competition: Competition, config: Config, probs: np.ndarray
     else:
         label_column = competition.label_column
         if sample is not None and len(sample.columns) == 2:
-            label_column = [c for c in sample.columns if c != id_column][0]
+            label_column = next(c for c in sample.columns if c != id_column)
         labels = np.asarray(competition.classes, dtype=object)[probs.argmax(axis=1)]
         frame = pd.DataFrame({id_column: test["id"].to_numpy(), label_column: labels})
     if sample is not None:
@@ -44,7 +44,9 @@ def validate_submission(frame: pd.DataFrame, competition: Competition, config: C
     sample, id_column = competition.sample_submission, competition.id_column
     if sample is not None:
         if list(frame.columns) != list(sample.columns):
-            raise DataError(f"submission columns {list(frame.columns)} != sample's {list(sample.columns)}")
+            raise DataError(
+                f"submission columns {list(frame.columns)} != sample's {list(sample.columns)}"
+            )
         if not frame[id_column].astype(str).equals(sample[id_column].astype(str)):
             raise DataError("submission ids are not the sample submission's ids in the same order")
     if frame.isna().any().any():
@@ -54,7 +56,7 @@ def validate_submission(frame: pd.DataFrame, competition: Competition, config: C
             "check competition.test_csv / test_images"
         )
     if config.competition.submission_format == "label":
-        label_column = [c for c in frame.columns if c != id_column][0]
+        label_column = next(c for c in frame.columns if c != id_column)
         unknown = set(frame[label_column]) - set(competition.classes)
         if unknown:
             raise DataError(f"submission labels {sorted(unknown)} are not classes")
@@ -64,7 +66,9 @@ def validate_submission(frame: pd.DataFrame, competition: Competition, config: C
             raise DataError("submission probabilities must lie in [0, 1] and sum to one per row")
 
 
-def write_submission(path: Path, competition: Competition, config: Config, probs: np.ndarray) -> Path:
+def write_submission(
+    path: Path, competition: Competition, config: Config, probs: np.ndarray
+) -> Path:
     """Build, validate, then atomically write the submission."""
     frame = build_submission(competition, config, probs)
     validate_submission(frame, competition, config)

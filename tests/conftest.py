@@ -18,7 +18,7 @@ CUB50 = SHARED / "cub50"
 
 @pytest.fixture(scope="session")
 def trashnet_small(tmp_path_factory) -> Path:
-    """A Kaggle-layout slice of trashnet: 8 train images per class, 12 test images, with a solution."""
+    """A Kaggle-layout slice of trashnet: 8 train images per class and 12 test images."""
     root = tmp_path_factory.mktemp("trashnet_small")
     train = pd.read_csv(TRASHNET / "train.csv", dtype=str)
     train = train.groupby("label", group_keys=False).head(8).reset_index(drop=True)

@@ -68,7 +68,7 @@ def test_transform_spec_shorthand():
 def test_replace_validates():
     config = load_config(None)
     assert replace(config, {"optim.lr": 0.5}).optim.lr == 0.5
-    with pytest.raises(ConfigError, match="optim.nope"):
+    with pytest.raises(ConfigError, match=r"optim\.nope"):
         replace(config, {"optim.nope": 1})
 
 

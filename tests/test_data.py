@@ -75,7 +75,7 @@ def test_cache_is_reused_and_invalidated_by_a_changed_file(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 3
 
 
-# -- bad input --------------------------------------------------------------------------------------
+# -- bad input ----------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -86,7 +86,9 @@ def kaggle_copy(trashnet_small, tmp_path):
 
 
 def _config(root, *extra):
-    return load_config(REPO_ROOT / "configs" / "trashnet.yaml", [f"competition.root={root}", *extra])
+    return load_config(
+        REPO_ROOT / "configs" / "trashnet.yaml", [f"competition.root={root}", *extra]
+    )
 
 
 def test_missing_image_names_row_and_path(kaggle_copy):
@@ -102,7 +104,9 @@ def test_unreadable_image_names_the_file(kaggle_copy, tmp_path):
 
 
 def test_missing_column_names_file_column_and_key(kaggle_copy):
-    with pytest.raises(DataError, match=r"train\.csv: no column 'category' \(set by competition\.label_column\)"):
+    with pytest.raises(
+        DataError, match=r"train\.csv: no column 'category' \(set by competition\.label_column\)"
+    ):
         read_competition(_config(kaggle_copy, "competition.label_column=category"))
 
 

@@ -13,8 +13,14 @@ from tests.conftest import CUB50, TRASHNET
 
 @pytest.fixture(scope="module")
 def trashnet_train():
-    config = load_config(None, [f"competition.root={TRASHNET}", "competition.id_column=image_id",
-                                "competition.image_pattern={id}.jpg"])
+    config = load_config(
+        None,
+        [
+            f"competition.root={TRASHNET}",
+            "competition.id_column=image_id",
+            "competition.image_pattern={id}.jpg",
+        ],
+    )
     return read_competition(config).train
 
 
@@ -60,7 +66,7 @@ def test_saved_folds_are_reused_and_rebuilt_when_train_changes(trashnet_train, t
     first = load_or_make_folds(trashnet_train, "tn", config, tmp_path, messages.append)
     path = folds_path("tn", config, tmp_path)
     assert path.name == "tn-3fold-s0.csv" and path.is_file()
-    # a hand-edited fold file is trusted while the train table matches: proves it is read, not remade
+    # a hand-edited fold file is kept while the train table matches: it is read, not remade
     saved = pd.read_csv(path, dtype=str)
     saved.loc[0, "fold"] = str((first[0] + 1) % 3)
     saved.to_csv(path, index=False)
@@ -74,7 +80,7 @@ def test_saved_folds_are_reused_and_rebuilt_when_train_changes(trashnet_train, t
 
 def test_too_few_images_per_class_is_a_clear_error(trashnet_train):
     tiny = trashnet_train.groupby("label").head(2).reset_index(drop=True)
-    with pytest.raises(DataError, match="fewer than folds.k=5"):
+    with pytest.raises(DataError, match=r"fewer than folds\.k=5"):
         assign_folds(tiny, FoldsConfig(k=5))
 
 
