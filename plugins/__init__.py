@@ -1,0 +1,1 @@
+"""Built-in plugins, registered exactly as a third-party plugin would be."""
