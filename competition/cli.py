@@ -1,4 +1,4 @@
-"""The ``competition`` command: demo, folds, train, predict, plugins."""
+"""The ``competition`` command: demo, folds, train, predict, baseline, plugins."""
 
 from __future__ import annotations
 
@@ -66,6 +66,28 @@ def cmd_predict(args) -> None:
     print(summary_table(cv))
 
 
+def cmd_baseline(args) -> None:
+    from competition.baseline import BaselineOptions, run_baseline
+    from competition.config import load_config
+    from competition.cv import summary_table
+
+    given = {
+        "method": args.method,
+        "k": args.k,
+        "temperature": args.temperature,
+        "norm": args.norm,
+        "pca_dim": args.pca_dim,
+        "C": args.C,
+        "hflip": args.hflip,
+    }
+    options = BaselineOptions(**{key: value for key, value in given.items() if value is not None})
+    cv = run_baseline(load_config(args.config, args.overrides), options)
+    print(summary_table(cv))
+    if "lb_full" in cv:
+        print(f"{'LB':>6}  {cv['lb_full']:>10.4f}  (fitted on the whole train set)")
+    print(f"{cv['seconds']:.1f}s, embeddings computed: {cv['embeddings']['computed'] or 'none'}")
+
+
 def cmd_plugins(args) -> None:
     from competition.manager import KINDS, components, get_plugin_manager
 
@@ -118,6 +140,26 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("run_dir", help="a run folder, e.g. runs/trashnet")
     predict.add_argument("overrides", nargs="*", help="overrides such as tta=[identity,hflip]")
     predict.set_defaults(func=cmd_predict)
+
+    baseline = sub.add_parser(
+        "baseline", help="frozen-feature baselines (k-NN, NCM, logistic regression) in K-fold CV"
+    )
+    baseline.add_argument("config", help="YAML config, e.g. configs/cub50.yaml")
+    baseline.add_argument("overrides", nargs="*", help="config overrides, e.g. data.image_size=160")
+    baseline.add_argument("--method", required=True, help="knn, ncm or linear")
+    baseline.add_argument("--k", type=int, help="neighbours of knn (default 10)")
+    baseline.add_argument(
+        "--temperature",
+        type=float,
+        help="similarity temperature: knn vote weights exp(s/T), ncm softmax(s/T) (default 0.07)",
+    )
+    baseline.add_argument(
+        "--norm", help="none, l2, center_l2, pca or pca_whiten (default center_l2)"
+    )
+    baseline.add_argument("--pca-dim", type=int, help="components kept by the pca norms (256)")
+    baseline.add_argument("--C", type=float, help="inverse L2 strength of linear (default 1.0)")
+    baseline.add_argument("--hflip", action="store_true", help="average with mirrored embeddings")
+    baseline.set_defaults(func=cmd_baseline)
 
     plugins = sub.add_parser("plugins", help="list plugins and the components they provide")
     plugins.add_argument("--all", action="store_true", help="list every component (timm has many)")

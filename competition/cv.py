@@ -125,7 +125,9 @@ class Run:
             if train
             else (self.config.augment.eval, self.eval_size, "augment.eval")
         )
-        dataset = ImageDataset(images, targets, SamplePipeline(specs, size, key, self.pm))
+        pipeline = SamplePipeline(specs, size, key, self.pm)
+        pipeline(np.array(images[0]))  # fail here, not in a worker, if the output size is wrong
+        dataset = ImageDataset(images, targets, pipeline)
         batch = data.batch_size if train else (data.eval_batch_size or data.batch_size * 2)
         return make_loader(
             dataset, batch, train, data.num_workers, seed, pin=self.device.type == "cuda"

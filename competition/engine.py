@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from competition.config import Config, OptimConfig
 from competition.errors import ConfigError
 from competition.io import load_torch, save_torch, write_csv
+from competition.loaders import reseed
 from competition.metrics import Metric
 from competition.predict import autocast, predict_probs, to_device
 
@@ -230,6 +231,7 @@ class FoldTrainer:
         started = time.perf_counter()
         for epoch in range(start, epochs):
             tick = time.perf_counter()
+            reseed(train_loader, self.config.seed * 100_003 + self.fold * 1_009 + epoch)
             train_loss, seen = self._train_epoch(train_loader, scheduler, epoch)
             train_seconds = time.perf_counter() - tick
             probs = predict_probs(

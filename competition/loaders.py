@@ -55,7 +55,7 @@ class ImageDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int):
-        image = np.asarray(self.images[index])
+        image = np.array(self.images[index])  # a writable copy of the memory-mapped row
         if self.transform is not None:
             image = self.transform(image)
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
@@ -72,18 +72,28 @@ def _seed_worker(worker_id: int) -> None:
 def make_loader(
     dataset: ImageDataset, batch_size: int, train: bool, workers: int, seed: int, pin: bool = False
 ) -> DataLoader:
-    """A loader that shuffles (and drops a ragged last batch) only for training."""
-    generator = torch.Generator().manual_seed(seed)
-    if workers == 0 and dataset.transform is not None:
-        dataset.transform.set_seed(seed)
-    return DataLoader(
+    """A loader that shuffles (and drops a ragged last batch) only for training.
+
+    Workers are started per epoch (not persistent) so :func:`reseed` makes every epoch's shuffle
+    and augmentation a function of the seed alone: a resumed run repeats an uninterrupted one.
+    """
+    loader = DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=train,
         drop_last=train and len(dataset) > batch_size,
         num_workers=workers,
-        persistent_workers=workers > 0,
         pin_memory=pin,
         worker_init_fn=_seed_worker,
-        generator=generator,
+        generator=torch.Generator(),
     )
+    reseed(loader, seed)
+    return loader
+
+
+def reseed(loader: DataLoader, seed: int) -> None:
+    """Seed the next pass over ``loader``: shuffle order and per-sample transforms."""
+    loader.generator.manual_seed(seed)
+    transform = loader.dataset.transform
+    if loader.num_workers == 0 and transform is not None:
+        transform.set_seed(seed)

@@ -117,8 +117,8 @@ def components(kind: str, pm: pluggy.PluginManager | None = None) -> ChainedComp
     pm = pm or get_plugin_manager()
     hook = getattr(pm.hook, KINDS[kind])
     layers = []
-    # pluggy calls the last-registered plugin first; reverse so later registrations override.
-    for impl in reversed(hook.get_hookimpls()):
+    # get_hookimpls() lists plugins in call order reversed: built-ins first, later ones override.
+    for impl in hook.get_hookimpls():
         mapping = impl.function()
         if mapping:
             layers.append((impl.plugin_name, mapping))

@@ -38,6 +38,7 @@ def tiny_overrides(tmp_path: Path) -> list[str]:
     """Settings for a seconds-long CPU run: a tiny timm model at 32 px, one epoch, no workers."""
     return [
         "model.backbone=resnet10t",
+        "model.pretrained=null",
         "data.image_size=32",
         "data.batch_size=8",
         "data.num_workers=0",

@@ -1,0 +1,171 @@
+"""The K-fold runner end to end on real images: OOF, cv.json, submission, resume after a kill."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from competition import hookimpl
+from competition.cv import Run, predict_run, run_cv
+from competition.errors import ConfigError, DataError
+from competition.manager import get_plugin_manager
+from competition.submission import validate_submission
+from tests.conftest import trashnet_config
+
+
+def test_end_to_end_run_writes_oof_cv_and_a_valid_submission(trashnet_small, tmp_path, run_paths):
+    config = trashnet_config(trashnet_small, tmp_path, "tta=[identity, hflip]")
+    cv = run_cv(config, **run_paths)
+    run_dir = run_paths["runs_dir"] / "t"
+    classes = ["cardboard", "glass", "metal", "paper", "plastic", "trash"]
+
+    oof = pd.read_csv(run_dir / "oof.csv", dtype={"id": str})
+    assert list(oof.columns) == ["id", "fold", "target", *classes]
+    assert sorted(oof["id"]) == sorted(
+        pd.read_csv(trashnet_small / "train.csv", dtype=str)["image_id"]
+    )
+    assert np.allclose(oof[classes].sum(axis=1), 1.0, atol=1e-5)
+
+    saved = json.loads((run_dir / "cv.json").read_text())
+    assert saved["metric"] == "accuracy" and len(saved["folds"]) == 2
+    assert saved["mean"] == pytest.approx(np.mean(saved["folds"]))
+    assert saved["std"] == pytest.approx(np.std(saved["folds"]))
+    assert 0.0 <= saved["mean"] <= 1.0 and cv["mean"] == saved["mean"]
+
+    sample = pd.read_csv(trashnet_small / "sample_submission.csv", dtype=str)
+    submission = pd.read_csv(run_paths["submissions_dir"] / "t.csv", dtype=str)
+    assert list(submission.columns) == list(sample.columns)
+    assert submission["image_id"].tolist() == sample["image_id"].tolist()
+    assert set(submission["label"]) <= set(classes)
+
+    for name in (
+        "config.yaml",
+        "environment.json",
+        "report.md",
+        "fold_0/best.pt",
+        "fold_0/last.pt",
+    ):
+        assert (run_dir / name).is_file(), name
+    environment = json.loads((run_dir / "environment.json").read_text())
+    assert environment["packages"]["torch"] and "git_commit" in environment
+    log = pd.read_csv(run_dir / "fold_1" / "log.csv")
+    assert list(log["epoch"]) == [1] and "val_accuracy" in log
+
+    # a second call finds every fold done and only re-summarises
+    again = run_cv(config, **run_paths)
+    assert again["folds"] == cv["folds"]
+
+
+def test_fold_scores_agree_with_the_oof_table(trashnet_small, tmp_path, run_paths):
+    config = trashnet_config(trashnet_small, tmp_path, "metric=macro_f1")
+    cv = run_cv(config, folds=[1], **run_paths)
+    oof = pd.read_csv(run_paths["runs_dir"] / "t" / "oof.csv")
+    assert cv["folds_done"] == [1] and set(oof["fold"]) == {1}
+    from sklearn.metrics import f1_score
+
+    classes = [c for c in oof.columns if c not in ("id", "fold", "target")]
+    expected = f1_score(
+        oof["target"], oof[classes].to_numpy().argmax(1), average="macro", labels=range(6)
+    )
+    assert cv["folds"][0] == pytest.approx(expected)
+
+
+class _KillAfterFirstEpoch:
+    """A plugin that interrupts training at the end of the first epoch, like Ctrl-C would."""
+
+    @hookimpl
+    def competition_epoch_end(self, fold, epoch, metrics, run_dir):
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+
+class _EpochCounter:
+    def __init__(self):
+        self.epochs = []
+
+    @hookimpl
+    def competition_epoch_end(self, fold, epoch, metrics, run_dir):
+        self.epochs.append(epoch)
+
+
+def test_a_killed_run_resumes_and_matches_an_uninterrupted_one(trashnet_small, tmp_path, run_paths):
+    extra = ("optim.epochs=2", "augment.batch=[{name: mixup, alpha: 0.4}]")
+    config = trashnet_config(trashnet_small, tmp_path, *extra)
+    reference = run_cv(config, folds=[0], **run_paths)
+
+    other = {k: v.parent / (v.name + "_b") for k, v in run_paths.items()}
+    pm = get_plugin_manager()
+    killer = _KillAfterFirstEpoch()
+    pm.register(killer, name="killer")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_cv(config, folds=[0], **other)
+    finally:
+        pm.unregister(killer)
+    fold_dir = other["runs_dir"] / "t" / "fold_0"
+    assert (fold_dir / "last.pt").is_file() and not (fold_dir / "result.json").exists()
+    assert len(pd.read_csv(fold_dir / "log.csv")) == 1
+
+    counter = _EpochCounter()
+    pm.register(counter, name="counter")
+    try:
+        resumed = run_cv(config, folds=[0], **other)
+    finally:
+        pm.unregister(counter)
+    assert counter.epochs == [1]  # only the second epoch was trained again
+    assert len(pd.read_csv(fold_dir / "log.csv")) == 2
+    assert resumed["folds"] == pytest.approx(reference["folds"])
+    a = pd.read_csv(run_paths["runs_dir"] / "t" / "oof.csv")
+    b = pd.read_csv(other["runs_dir"] / "t" / "oof.csv")
+    np.testing.assert_allclose(a.iloc[:, 3:].to_numpy(), b.iloc[:, 3:].to_numpy(), atol=1e-5)
+
+
+def test_a_changed_config_never_mixes_into_an_existing_run(trashnet_small, tmp_path, run_paths):
+    run_cv(trashnet_config(trashnet_small, tmp_path), folds=[0], **run_paths)
+    with pytest.raises(ConfigError, match="holds a run with another config"):
+        run_cv(trashnet_config(trashnet_small, tmp_path, "optim.lr=0.1"), folds=[0], **run_paths)
+
+
+def test_predict_again_with_other_tta(trashnet_small, tmp_path, run_paths):
+    run_cv(trashnet_config(trashnet_small, tmp_path), **run_paths)
+    run_dir = run_paths["runs_dir"] / "t"
+    before = np.load(run_dir / "fold_0" / "test_probs.npy")
+    cv = predict_run(
+        run_dir,
+        {"tta": ["identity", "hflip", "vflip"]},
+        folds_dir=run_paths["folds_dir"],
+        submissions_dir=run_paths["submissions_dir"],
+    )
+    after = np.load(run_dir / "fold_0" / "test_probs.npy")
+    assert after.shape == before.shape and not np.allclose(after, before)
+    assert "submission" in cv
+
+
+def test_submission_validation_catches_a_broken_frame(trashnet_small, tmp_path, run_paths):
+    config = trashnet_config(trashnet_small, tmp_path)
+    run = Run(config, **run_paths)
+    sample = run.competition.sample_submission
+    good = sample.assign(label="glass")
+    validate_submission(good, run.competition, config)
+    with pytest.raises(DataError, match="not the sample submission's ids"):
+        validate_submission(good.iloc[::-1].reset_index(drop=True), run.competition, config)
+    with pytest.raises(DataError, match="not classes"):
+        validate_submission(sample.assign(label="wood"), run.competition, config)
+    with pytest.raises(DataError, match="columns"):
+        validate_submission(good.rename(columns={"label": "class"}), run.competition, config)
+
+
+def test_pipeline_without_a_sizing_transform_is_rejected_at_setup(
+    trashnet_small, tmp_path, run_paths
+):
+    from competition.errors import PluginError
+
+    config = trashnet_config(trashnet_small, tmp_path, "augment.train=[HorizontalFlip]")
+    with pytest.raises(PluginError, match=r"augment|HorizontalFlip"):
+        run_cv(config, **run_paths)
+
+
+def test_out_of_range_fold_is_a_clear_error(trashnet_small, tmp_path, run_paths):
+    with pytest.raises(ConfigError, match=r"--folds: fold\(s\) \[7\] out of range"):
+        run_cv(trashnet_config(trashnet_small, tmp_path), folds=[7], **run_paths)
