@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from competition import hookimpl
 from competition.cv import Run, predict_run, run_cv
@@ -169,3 +170,16 @@ def test_pipeline_without_a_sizing_transform_is_rejected_at_setup(
 def test_out_of_range_fold_is_a_clear_error(trashnet_small, tmp_path, run_paths):
     with pytest.raises(ConfigError, match=r"--folds: fold\(s\) \[7\] out of range"):
         run_cv(trashnet_config(trashnet_small, tmp_path), folds=[7], **run_paths)
+
+
+def test_fixres_evaluates_at_a_larger_size_than_training(trashnet_small, tmp_path, run_paths):
+    """Train and test resolution are separate settings (FixRes, Touvron et al. 2019)."""
+    config = trashnet_config(trashnet_small, tmp_path, "data.eval_image_size=48")
+    run = Run(config, **run_paths)
+    assert run.cache_side == round(48 / config.data.crop_pct)
+    train_images, _ = next(iter(run.loader("train", np.arange(8), train=True)))
+    eval_images, _ = next(iter(run.loader("train", np.arange(8))))
+    assert train_images.shape[-2:] == (32, 32) and eval_images.shape[-2:] == (48, 48)
+    assert train_images.dtype == torch.uint8  # uint8 until the device
+    cv = run.run([0])
+    assert 0.0 <= cv["mean"] <= 1.0
