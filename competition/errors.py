@@ -15,3 +15,19 @@ class DataError(CompetitionError):
 
 class PluginError(CompetitionError):
     """A plugin failed to load, or a component name is unknown."""
+
+
+def reject_unknown_params(what: str, params, valid) -> None:
+    """Raise ConfigError if ``params`` has a key outside ``valid``; ``what`` names the component,
+    e.g. "loss 'focal'". The message suggests the closest valid name and lists them all."""
+    import difflib
+
+    valid = list(valid)
+    unknown = [key for key in params if key not in valid]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), valid, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ConfigError(
+            f"{what}: unknown parameter(s) {', '.join(map(repr, unknown))}.{hint} "
+            f"Valid parameters: {', '.join(valid) or '(none)'}."
+        )

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from competition import hookimpl
-from competition.errors import ConfigError, PluginError
+from competition.errors import ConfigError, PluginError, reject_unknown_params
 
 
 def _kornia(name: str):
@@ -333,15 +333,7 @@ def _checked(name: str, build):
     valid = list(inspect.signature(build).parameters)
 
     def factory(**params):
-        unknown = [key for key in params if key not in valid]
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], valid, n=3)
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(
-                f"batch augmentation '{name}': unknown parameter(s) "
-                f"{', '.join(map(repr, unknown))}.{hint} "
-                f"Valid parameters: {', '.join(valid) or '(none)'}"
-            )
+        reject_unknown_params(f"batch augmentation '{name}'", params, valid)
         return build(**params)
 
     factory.__name__ = f"{name}_factory"

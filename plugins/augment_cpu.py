@@ -26,7 +26,6 @@ and ``Lambda``.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import inspect
 from collections.abc import Mapping
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from competition import hookimpl
-from competition.errors import ConfigError, PluginError
+from competition.errors import ConfigError, PluginError, reject_unknown_params
 
 #: Albumentations classes that cannot be a step of our pipelines, with the reason.
 EXCLUDED = {
@@ -144,14 +143,7 @@ def build_albumentations(name: str, image_size: int, **params) -> Albumentations
     albumentations = _require_albumentations(name)
     cls = getattr(albumentations, name)
     valid = _valid_params(cls)
-    unknown = [key for key in params if key not in valid]
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], valid, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(
-            f"sample transform '{name}': unknown parameter(s) {', '.join(map(repr, unknown))}."
-            f"{hint} Valid parameters: {', '.join(valid)}"
-        )
+    reject_unknown_params(f"sample transform '{name}'", params, valid)
     params = _tuples(params)
     if "size" in valid and "size" not in params:
         params["size"] = (image_size, image_size)

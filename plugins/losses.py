@@ -17,7 +17,6 @@ float32 whatever the dtype of the logits (autocast).
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from competition import hookimpl
-from competition.errors import ConfigError, DataError
+from competition.errors import ConfigError, DataError, reject_unknown_params
 
 
 def _bad(loss: str, param: str, value, must: str) -> ConfigError:
@@ -305,14 +304,7 @@ def _checked_factory(name: str, cls: type[_SoftLoss]):
     ]
 
     def factory(num_classes: int, class_counts: Sequence[int] | None = None, **params):
-        unknown = [key for key in params if key not in valid]
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], valid, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(
-                f"loss '{name}': unknown parameter(s) {', '.join(map(repr, unknown))}.{hint} "
-                f"Valid parameters: {', '.join(valid)}."
-            )
+        reject_unknown_params(f"loss '{name}'", params, valid)
         return cls(num_classes, class_counts, **params)
 
     factory.__name__ = name
