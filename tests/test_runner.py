@@ -183,3 +183,16 @@ def test_fixres_evaluates_at_a_larger_size_than_training(trashnet_small, tmp_pat
     assert train_images.dtype == torch.uint8  # uint8 until the device
     cv = run.run([0])
     assert 0.0 <= cv["mean"] <= 1.0
+
+
+def test_ema_weights_are_what_gets_evaluated(trashnet_small, tmp_path, run_paths):
+    """With optim.ema_decay the best checkpoint holds the averaged weights, not the raw ones."""
+    config = trashnet_config(trashnet_small, tmp_path, "optim.ema_decay=0.5")
+    run_cv(config, folds=[0], **run_paths)
+    fold_dir = run_paths["runs_dir"] / "t" / "fold_0"
+    best = torch.load(fold_dir / "best.pt", weights_only=True)["model"]
+    last = torch.load(fold_dir / "last.pt", weights_only=True)
+    weight = next(k for k in last["model"] if k.endswith("head.weight"))
+    assert last["best_epoch"] == last["epoch"] == 0  # one epoch: best is the last
+    assert torch.equal(best[weight], last["ema"][f"module.{weight}"])
+    assert not torch.allclose(best[weight], last["model"][weight])
