@@ -65,7 +65,7 @@ class BaselineOptions:
     """How embeddings are normalised and classified (see the module docstring)."""
 
     method: str = "knn"
-    k: int = 10  # neighbours (knn)
+    k: int = 20  # neighbours (knn)
     temperature: float = 0.07  # similarity temperature (knn weights, ncm softmax)
     norm: str = "center_l2"
     pca_dim: int = 256  # components kept by norm=pca / pca_whiten (capped by rows and features)
@@ -109,7 +109,7 @@ class Normaliser:
             if dim < 1:
                 raise ConfigError(f"--norm={self.kind}: needs at least 2 training rows")
             whiten = self.kind == "pca_whiten"
-            self.pca_ = PCA(dim, whiten=whiten, svd_solver="full").fit(x)
+            self.pca_ = PCA(dim, whiten=whiten, svd_solver="covariance_eigh").fit(x)
         return self
 
     def transform(self, x: np.ndarray) -> np.ndarray:

@@ -84,7 +84,7 @@ def cmd_baseline(args) -> None:
     cv = run_baseline(load_config(args.config, args.overrides), options)
     print(summary_table(cv))
     if "lb_full" in cv:
-        print(f"{'LB':>6}  {cv['lb_full']:>10.4f}  (fitted on the whole train set)")
+        print(f"{'LB all':>6}  {cv['lb_full']:>10.4f}  (fitted on the whole train set)")
     print(f"{cv['seconds']:.1f}s, embeddings computed: {cv['embeddings']['computed'] or 'none'}")
 
 
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     baseline.add_argument("config", help="YAML config, e.g. configs/cub50.yaml")
     baseline.add_argument("overrides", nargs="*", help="config overrides, e.g. data.image_size=160")
     baseline.add_argument("--method", required=True, help="knn, ncm or linear")
-    baseline.add_argument("--k", type=int, help="neighbours of knn (default 10)")
+    baseline.add_argument("--k", type=int, help="neighbours of knn (default 20)")
     baseline.add_argument(
         "--temperature",
         type=float,
