@@ -1,4 +1,4 @@
-"""The ``competition`` command: demo, folds, train, predict, baseline, plugins."""
+"""The ``competition`` command: demo, folds, train, predict, baseline, tune, ensemble, plugins."""
 
 from __future__ import annotations
 
@@ -88,6 +88,34 @@ def cmd_baseline(args) -> None:
     print(f"{cv['seconds']:.1f}s, embeddings computed: {cv['embeddings']['computed'] or 'none'}")
 
 
+def cmd_tune(args) -> None:
+    from competition.config import load_config
+    from competition.tune import tune
+
+    config = load_config(args.config, args.overrides)
+    study = tune(config, trials=args.trials)
+    finished = [t for t in study.trials if t.value is not None]
+    print(f"{len(study.trials)} trials ({len(finished)} complete) in {study.study_name}")
+    if finished:
+        print(f"best {config.metric}: {study.best_value:.4f} with {study.best_params}")
+        print(f"best config: runs/{config.name}-best.yaml")
+
+
+def cmd_ensemble(args) -> None:
+    from competition.ensemble import blend
+
+    cv = blend(args.runs, args.name)
+    for run, weight in zip(cv["runs"], cv["weights"], strict=True):
+        print(f"{weight:6.3f}  {run}  (OOF {cv['members'][run]:.4f})")
+    print(
+        f"blend CV {cv['metric']} {cv['mean']:.4f} ± {cv['std']:.4f} (nested), OOF {cv['oof']:.4f}"
+    )
+    if "lb" in cv:
+        print(f"LB {cv['lb']:.4f}")
+    if "submission" in cv:
+        print(f"submission: {cv['submission']}")
+
+
 def cmd_plugins(args) -> None:
     from competition.manager import KINDS, components, get_plugin_manager
 
@@ -160,6 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
     baseline.add_argument("--C", type=float, help="inverse L2 strength of linear (default 1.0)")
     baseline.add_argument("--hflip", action="store_true", help="average with mirrored embeddings")
     baseline.set_defaults(func=cmd_baseline)
+
+    tune = sub.add_parser("tune", help="Optuna study of the recipe against the CV score")
+    tune.add_argument("config", help="YAML config; its tune section sets trials and dimensions")
+    tune.add_argument("overrides", nargs="*", help="config overrides, e.g. tune.trials=30")
+    tune.add_argument("--trials", type=int, default=None, help="total trials (default tune.trials)")
+    tune.set_defaults(func=cmd_tune)
+
+    ensemble = sub.add_parser("ensemble", help="blend finished runs with weights fitted on OOF")
+    ensemble.add_argument("runs", nargs="+", help="run folders, e.g. runs/a runs/b")
+    ensemble.add_argument("--name", required=True, help="name of the blend (runs/<name>)")
+    ensemble.set_defaults(func=cmd_ensemble)
 
     plugins = sub.add_parser("plugins", help="list plugins and the components they provide")
     plugins.add_argument("--all", action="store_true", help="list every component (timm has many)")

@@ -132,6 +132,20 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class TuneConfig:
+    """An Optuna study over the recipe, scored by the CV mean."""
+
+    trials: int = 20
+    timeout_s: float | None = None
+    # built-in search dimensions to open (plugins/search_space.py); plugins may add their own
+    params: list[str] = field(
+        default_factory=lambda: ["optim.lr", "optim.weight_decay", "loss.params.label_smoothing"]
+    )
+    pruner: Literal["median", "none"] = "median"
+    storage: str | None = None  # default: sqlite:///runs/<name>-study.db
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run."""
 
@@ -148,6 +162,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     tta: list[TransformSpec] = field(default_factory=lambda: [TransformSpec("identity")])
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def data_root(self) -> Path:
         """The competition's data folder, resolved against the repo root."""

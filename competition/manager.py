@@ -24,6 +24,7 @@ DEFAULT_PLUGINS = (
     "plugins.augment_cpu",
     "plugins.augment_batch",
     "plugins.tta",
+    "plugins.search_space",
 )
 
 #: Component kinds and the hook that registers each.

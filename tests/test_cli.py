@@ -7,7 +7,7 @@ from competition.config import REPO_ROOT, load_config
 from competition.data import read_competition
 from competition.demo import DEMO_CONFIG, build_digits_competition
 
-VERBS = ["demo", "folds", "train", "predict", "plugins"]
+VERBS = ["demo", "folds", "train", "predict", "baseline", "tune", "ensemble", "plugins"]
 
 
 @pytest.mark.parametrize("verb", VERBS)

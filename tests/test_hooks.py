@@ -95,7 +95,7 @@ def test_search_space_suggestions_are_applied_and_validated():
     space = _Space()
     pm.register(space, name="space")
     try:
-        config = load_config(None)
+        config = load_config(None, ["tune.params=[]"])  # only this plugin's dimensions
         trial = optuna.trial.FixedTrial({"lr": 0.01, "loss": "focal"})
         tuned = suggest_config(trial, config)
         assert tuned.optim.lr == 0.01 and tuned.loss.name == "focal"
@@ -112,6 +112,6 @@ def test_search_space_suggestions_are_applied_and_validated():
     pm.register(bad, name="bad")
     try:
         with pytest.raises(ConfigError, match=r"optim\.epochs: expected an integer"):
-            suggest_config(optuna.trial.FixedTrial({}), load_config(None))
+            suggest_config(optuna.trial.FixedTrial({}), load_config(None, ["tune.params=[]"]))
     finally:
         pm.unregister(bad)
