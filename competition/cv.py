@@ -255,7 +255,7 @@ class Run:
         if bad:
             raise ConfigError(f"--folds: fold(s) {bad} out of range 0..{k - 1}")
         self.prepare_run_dir()
-        self.pm.hook.competition_configure.call_historic(kwargs={"config": self.config})
+        self.pm.hook.competition_configure(config=self.config)
         started = time.perf_counter()
         for fold in folds:
             if self.fold_done(fold):

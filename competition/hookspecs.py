@@ -22,9 +22,13 @@ from competition import hookspec
 # -- setup ----------------------------------------------------------------------------------------
 
 
-@hookspec(historic=True)
+@hookspec
 def competition_configure(config):
-    """See the resolved, frozen :class:`competition.config.Config` once, before any work starts."""
+    """See the resolved, frozen :class:`competition.config.Config` as a run starts.
+
+    Not historic: one process may run many configs (a tuning study), and a plugin registered
+    later must not receive every earlier run's config.
+    """
 
 
 # -- components -----------------------------------------------------------------------------------

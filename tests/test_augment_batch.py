@@ -7,10 +7,15 @@ import builtins
 import pytest
 import torch
 
+from competition.conformance.augment import (
+    StagedNet,
+    check_batch_augment,
+    image_batch,
+    soft_targets,
+)
 from competition.errors import ConfigError, PluginError
 from competition.manager import components
 from plugins import augment_batch
-from tests.conformance import StagedNet, check_batch_augment, image_batch, soft_targets
 
 BATCH_AUGMENTS = sorted(components("batch_augments"))
 MIXING = {"mixup", "cutmix", "manifold_mixup"}

@@ -7,10 +7,10 @@ import pickle
 import numpy as np
 import pytest
 
+from competition.conformance.augment import check_sample_transform, photos
 from competition.errors import ConfigError
 from competition.manager import components
 from plugins import augment_cpu
-from tests.conformance import check_sample_transform, photos
 
 #: A representative set: the defaults of the config, the usual training recipe, and our own.
 REPRESENTATIVE = [

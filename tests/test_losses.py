@@ -15,9 +15,9 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import train_test_split
 
 from competition import PROJECT, hookspecs
+from competition.conformance.losses import check_loss
 from competition.errors import ConfigError, DataError
 from competition.manager import components, get_plugin_manager
-from tests.conformance_losses import check_loss
 
 BUILTIN = ("cross_entropy", "focal", "class_balanced", "logit_adjusted", "balanced_softmax", "ldam")
 COUNTS = [120, 60, 30, 10, 4]

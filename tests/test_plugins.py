@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from competition import hookspecs
+from competition.conformance.losses import check_loss
 from competition.errors import PluginError
 from competition.manager import DEFAULT_PLUGINS, KINDS, components, get_plugin_manager, resolve
-from tests.conformance_losses import check_loss
 
 POLY_PLUGIN = '''
 import torch

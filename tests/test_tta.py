@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from competition.conformance.augment import check_tta_view, image_batch
 from competition.errors import ConfigError
 from competition.manager import components
-from tests.conformance import check_tta_view, image_batch
 
 TTA_VIEWS = sorted(components("tta"))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

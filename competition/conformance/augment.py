@@ -2,7 +2,7 @@
 
 A plugin author checks their own factory in three lines::
 
-    from tests.conformance import check_batch_augment
+    from competition.conformance.augment import check_batch_augment
 
     def test_my_augment():
         check_batch_augment(my_factory, params={"strength": 0.5})

@@ -2,7 +2,7 @@
 
 A plugin's own test is three lines::
 
-    from tests.conformance_losses import check_loss
+    from competition.conformance.losses import check_loss
 
     def test_poly1():
         check_loss(PolyLoss)
