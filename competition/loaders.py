@@ -44,7 +44,7 @@ class SamplePipeline:
 
 
 class ImageDataset(Dataset):
-    """Items ``(uint8 CHW tensor, target)``; target is -1 for unlabelled images."""
+    """Items ``(uint8 HWC tensor, target)``; target is -1 for unlabelled images."""
 
     def __init__(self, images: np.ndarray, targets, transform: SamplePipeline | None):
         self.images = images
@@ -58,8 +58,17 @@ class ImageDataset(Dataset):
         image = np.array(self.images[index])  # a writable copy of the memory-mapped row
         if self.transform is not None:
             image = self.transform(image)
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-        return tensor, int(self.targets[index])
+        return torch.from_numpy(np.ascontiguousarray(image)), int(self.targets[index])
+
+
+def collate_channels_last(items) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack HWC uint8 images into a (B, 3, H, W) batch stored channels-last.
+
+    Stacking as HWC and permuting the batch is a plain copy; permuting each sample first would
+    make the stack a slow transposing copy (and the device would transpose it back).
+    """
+    images = torch.stack([image for image, _ in items]).permute(0, 3, 1, 2)
+    return images, torch.tensor([target for _, target in items])
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -85,6 +94,7 @@ def make_loader(
         num_workers=workers,
         pin_memory=pin,
         worker_init_fn=_seed_worker,
+        collate_fn=collate_channels_last,
         generator=torch.Generator(),
     )
     reseed(loader, seed)

@@ -34,9 +34,8 @@ def autocast(device: torch.device, enabled: bool):
 def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     """uint8 (B, 3, H, W) on the host -> float in [0, 1] on ``device``."""
     images = images.to(device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images.float().div_(255)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return images.contiguous(memory_format=layout).float().div_(255)
 
 
 def tta_views(specs: list[TransformSpec], pm=None) -> list:
