@@ -52,7 +52,7 @@ def study_storage(config: Config, runs_dir: Path = RUNS_DIR) -> str:
 def tune(config: Config, trials: int | None = None, runs_dir: Path = RUNS_DIR, **paths):
     """Run (or resume) the study for ``config``; returns the Optuna study."""
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     metric = get_metric(config.metric)
     with warnings.catch_warnings():  # heartbeats are marked experimental
@@ -61,7 +61,7 @@ def tune(config: Config, trials: int | None = None, runs_dir: Path = RUNS_DIR, *
             study_storage(config, runs_dir),
             heartbeat_interval=60,
             grace_period=120,
-            heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=2),
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
         )
     if config.tune.pruner == "median":
         pruner = optuna.pruners.MedianPruner(n_startup_trials=3)
