@@ -206,8 +206,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; ``key=value`` overrides may stand anywhere, before or after options."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    is_override = ["=" in arg and not arg.startswith("-") for arg in argv]
+    parser = build_parser()
+    args = parser.parse_args([a for a, o in zip(argv, is_override, strict=True) if not o])
+    overrides = [a for a, o in zip(argv, is_override, strict=True) if o]
+    if overrides and not hasattr(args, "overrides"):
+        parser.error(f"'{args.command}' takes no key=value overrides: {' '.join(overrides)}")
+    if hasattr(args, "overrides"):
+        args.overrides = overrides
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         args.func(args)
     except CompetitionError as exc:

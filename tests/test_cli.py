@@ -55,3 +55,14 @@ def test_demo_competition_is_a_valid_kaggle_layout(tmp_path):
     assert len(competition.train) + len(competition.test) == 1797
     assert len(competition.holdout) == len(competition.test)  # solution.csv scores the "LB"
     assert set(competition.sample_submission.columns) == {"id", "label"}
+
+
+def test_overrides_may_follow_options():
+    from competition.cli import parse
+
+    args = parse(["train", "configs/x.yaml", "--folds", "0,2", "optim.lr=0.1", "name=a"])
+    assert args.folds == [0, 2] and args.overrides == ["optim.lr=0.1", "name=a"]
+    args = parse(["baseline", "configs/x.yaml", "--method", "knn", "data.image_size=64"])
+    assert args.method == "knn" and args.overrides == ["data.image_size=64"]
+    with pytest.raises(SystemExit):
+        parse(["plugins", "optim.lr=0.1"])
