@@ -196,3 +196,49 @@ def test_ema_weights_are_what_gets_evaluated(trashnet_small, tmp_path, run_paths
     assert last["best_epoch"] == last["epoch"] == 0  # one epoch: best is the last
     assert torch.equal(best[weight], last["ema"][f"module.{weight}"])
     assert not torch.allclose(best[weight], last["model"][weight])
+
+
+class _RecordingAugments:
+    """Two batch augmentations that log when they run, registered like a third-party plugin."""
+
+    def __init__(self):
+        self.calls = []
+
+    @hookimpl
+    def competition_register_batch_augments(self):
+        calls = self.calls
+
+        class Recorder:
+            def __init__(self, tag: str, mixes: bool = False):
+                self.tag, self.mixes = tag, mixes
+
+            def __call__(self, images, targets):
+                calls.append(self.tag)
+                return images, targets
+
+        return {"recorder": Recorder}
+
+
+def test_batch_augments_run_in_config_order_and_mixing_stops_for_the_last_epochs(
+    trashnet_small, tmp_path, run_paths
+):
+    recorder = _RecordingAugments()
+    pm = get_plugin_manager()
+    pm.register(recorder, name="recording_augments")
+    try:
+        config = trashnet_config(
+            trashnet_small,
+            tmp_path,
+            "optim.epochs=2",
+            "augment.mix_off_last_epochs=1",
+            "augment.batch=[{name: recorder, tag: mixer, mixes: true},"
+            " {name: recorder, tag: policy}]",
+        )
+        run_cv(config, folds=[0], **run_paths)
+    finally:
+        pm.unregister(recorder)
+    steps = len(recorder.calls) - recorder.calls.count("mixer")  # the policy runs every step
+    per_epoch = steps // 2
+    # epoch 1: mixer then policy on every batch; epoch 2 (the last): the policy alone
+    assert recorder.calls[: 2 * per_epoch] == ["mixer", "policy"] * per_epoch
+    assert recorder.calls[2 * per_epoch :] == ["policy"] * per_epoch
