@@ -244,8 +244,25 @@ class Run:
                 f"{self.run_dir} holds a run with another config. Choose a new run name "
                 f"(name=...) or delete {self.run_dir} to start over."
             )
+        self._check_folds_unchanged()
         write_text(path, text)
         write_json(self.run_dir / "environment.json", environment())
+
+    def _check_folds_unchanged(self) -> None:
+        """A run keeps the fold split it started with; a changed train table needs a new run."""
+        current = pd.DataFrame(
+            {"id": self.competition.train["id"].astype(str), "fold": self.fold_of}
+        )
+        path = self.run_dir / "folds.csv"
+        if path.is_file():
+            saved = pd.read_csv(path, dtype={"id": str}, keep_default_na=False)
+            if not saved.reset_index(drop=True).equals(current.reset_index(drop=True)):
+                raise ConfigError(
+                    f"{self.run_dir}: the train table or its folds changed since this run started "
+                    f"(see {path}). Choose a new run name (name=...) or delete {self.run_dir}."
+                )
+            return
+        write_csv(path, current)
 
     def run(self, folds: list[int] | None = None) -> dict:
         """Train the requested folds (default: all), then summarise what is done."""
@@ -274,7 +291,10 @@ class Run:
         if not done:
             raise ConfigError(f"{self.run_dir}: no finished fold to summarise")
         oof = pd.concat(
-            [pd.read_csv(self.fold_dir(f) / "oof.csv", dtype={"id": str}) for f in done]
+            [
+                pd.read_csv(self.fold_dir(f) / "oof.csv", dtype={"id": str}, keep_default_na=False)
+                for f in done
+            ]
         )
         write_csv(self.run_dir / "oof.csv", oof)
         probs = oof[self.classes].to_numpy()
@@ -342,6 +362,7 @@ def predict_run(run_dir: Path, overrides: dict | None = None, **paths) -> dict:
         config = replace(config, overrides)
     runs_dir = Path(run_dir).parent
     run = Run(config, runs_dir=runs_dir, **paths)
+    run._check_folds_unchanged()
     for fold in range(config.folds.k):
         if run.fold_done(fold):
             model = run.create_model().to(run.device)

@@ -20,7 +20,9 @@ FOLDS_DIR = REPO_ROOT / "folds"
 
 
 def folds_path(name: str, config: FoldsConfig, folds_dir: Path = FOLDS_DIR) -> Path:
-    return Path(folds_dir) / f"{name}-{config.k}fold-s{config.seed}.csv"
+    """``<name>-<k>fold-s<seed>.csv``; group methods add ``-<method>``: no method reuses another."""
+    method = "" if config.method == "stratified" else f"-{config.method}"
+    return Path(folds_dir) / f"{name}-{config.k}fold-s{config.seed}{method}.csv"
 
 
 def assign_folds(train: pd.DataFrame, config: FoldsConfig) -> np.ndarray:

@@ -90,3 +90,11 @@ def test_group_method_needs_group_column(trashnet_train):
     with pytest.raises(ConfigError, match="group_column"):
         assign_folds(trashnet_train, FoldsConfig(method="group"))
     assert np.bincount(assign_folds(trashnet_train, FoldsConfig(k=2))).min() > 900
+
+
+def test_each_method_has_its_own_file(tmp_path):
+    names = {
+        folds_path("c", FoldsConfig(k=5, seed=0, method=m), tmp_path).name
+        for m in ("stratified", "group", "stratified_group")
+    }
+    assert names == {"c-5fold-s0.csv", "c-5fold-s0-group.csv", "c-5fold-s0-stratified_group.csv"}

@@ -1,6 +1,7 @@
 """The K-fold runner end to end on real images: OOF, cv.json, submission, resume after a kill."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -242,3 +243,21 @@ def test_batch_augments_run_in_config_order_and_mixing_stops_for_the_last_epochs
     # epoch 1: mixer then policy on every batch; epoch 2 (the last): the policy alone
     assert recorder.calls[: 2 * per_epoch] == ["mixer", "policy"] * per_epoch
     assert recorder.calls[2 * per_epoch :] == ["policy"] * per_epoch
+
+
+def test_a_changed_train_table_is_refused_by_an_existing_run(trashnet_small, tmp_path, run_paths):
+    """Folds made for another train table must never mix into one run's OOF."""
+    root = tmp_path / "comp"
+    shutil.copytree(trashnet_small, root)
+    run_cv(trashnet_config(root, tmp_path), folds=[0], **run_paths)
+    train = pd.read_csv(root / "train.csv", dtype=str)
+    train.iloc[1:].to_csv(root / "train.csv", index=False)
+    with pytest.raises(ConfigError, match="the train table or its folds changed"):
+        run_cv(trashnet_config(root, tmp_path), folds=[1], **run_paths)
+
+
+def test_an_unavailable_device_is_a_config_error(trashnet_small, tmp_path, run_paths):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match=r"device=cuda: 0 CUDA device"):
+        run_cv(trashnet_config(trashnet_small, tmp_path, "device=cuda"), **run_paths)
