@@ -265,6 +265,39 @@ def build(cls, data: Any, path: str = ""):
     return cls(**kwargs)
 
 
+#: (key, test, what it must be): values the types allow but the runner cannot use
+RANGES = [
+    ("folds.k", lambda v: v >= 2, "at least 2"),
+    ("data.image_size", lambda v: v >= 8, "at least 8"),
+    ("data.eval_image_size", lambda v: v is None or v >= 8, "at least 8"),
+    ("data.crop_pct", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("data.batch_size", lambda v: v >= 1, "at least 1"),
+    ("data.eval_batch_size", lambda v: v is None or v >= 1, "at least 1"),
+    ("data.num_workers", lambda v: v >= 0, "0 or more"),
+    ("optim.lr", lambda v: v > 0, "positive"),
+    ("optim.weight_decay", lambda v: v >= 0, "0 or more"),
+    ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.epochs", lambda v: v >= 1, "at least 1"),
+    ("optim.warmup_epochs", lambda v: v >= 0, "0 or more"),
+    ("optim.ema_decay", lambda v: v is None or 0 < v < 1, "in (0, 1)"),
+    ("model.drop_rate", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("model.backbone_lr_factor", lambda v: v >= 0, "0 or more"),
+    ("augment.mix_off_last_epochs", lambda v: v >= 0, "0 or more"),
+    ("tune.trials", lambda v: v >= 1, "at least 1"),
+]
+
+
+def check_ranges(config: Config) -> Config:
+    """Reject values the runner cannot use (a zero batch size, crop_pct 0, ...)."""
+    for key, ok, what in RANGES:
+        value = config
+        for part in key.split("."):
+            value = getattr(value, part)
+        if not ok(value):
+            raise ConfigError(f"{key}: {value!r} must be {what}")
+    return config
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``dotted.key=value`` strings (values parsed as YAML) to a nested dict."""
     for item in overrides:
@@ -301,7 +334,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     data = apply_overrides(data, list(overrides or []))
     try:
-        return build(Config, data)
+        return check_ranges(build(Config, data))
     except ConfigError as exc:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{exc}") from None
@@ -316,4 +349,4 @@ def replace(config: Config, overrides: dict[str, Any]) -> Config:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
-    return build(Config, data)
+    return check_ranges(build(Config, data))

@@ -13,13 +13,14 @@ Every input is checked here, at the boundary; errors name the file, row and fix.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from competition.config import Config
-from competition.errors import DataError
+from competition.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -77,7 +78,15 @@ def _image_paths(ids: pd.Series, folder: Path, pattern: str, csv: Path) -> list[
         raise DataError(f"{folder}: image folder not found (referenced by {csv}).")
     paths, missing = [], []
     for row, image_id in enumerate(ids):
-        path = (folder / pattern.format(id=image_id)).resolve()
+        try:
+            name = pattern.format(id=image_id)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(
+                f"competition.image_pattern={pattern!r} is not a valid pattern ({exc!r}): "
+                "write the file name with {id}, e.g. '{id}.jpg'"
+            ) from None
+        # lexical check: ids must not climb out of the folder (symlinked files are fine)
+        path = Path(os.path.normpath(folder / name))
         if not path.is_relative_to(folder):
             raise DataError(
                 f"{csv}, row {row + 2}: id {image_id!r} resolves to {path}, outside {folder}. "
@@ -139,6 +148,14 @@ def _read_kaggle(config: Config, root: Path) -> Competition:
     _require_columns(train, train_csv, columns)
     if train.empty:
         raise DataError(f"{train_csv}: the train CSV has no rows.")
+    for column in columns:
+        blank = train.index[train[column].str.strip() == ""]
+        if len(blank):
+            rows = ", ".join(str(i + 2) for i in blank[:5])
+            raise DataError(
+                f"{train_csv}: empty '{column}' in row(s) {rows} ({len(blank)} in all). "
+                "Fill them in or drop those rows."
+            )
     _check_unique(train, cc.id_column, train_csv)
     classes = _classes(train[cc.label_column], cc.classes, str(train_csv))
     table = pd.DataFrame(
@@ -169,6 +186,7 @@ def _read_kaggle(config: Config, root: Path) -> Competition:
             test_csv = root / cc.test_csv
             test_ids = _read_csv(test_csv, "test CSV", "Set competition.test_csv (or null).")
             _require_columns(test_ids, test_csv, {cc.id_column: "competition.id_column"})
+            _check_unique(test_ids, cc.id_column, test_csv)
             ids = test_ids[cc.id_column]
             if sample is not None:
                 absent = ids[~ids.isin(set(sample[cc.id_column]))]
@@ -260,6 +278,8 @@ def _read_folders(config: Config, root: Path) -> Competition:
                 f"{test_dir}: test folder not found. Set competition.test_dir (or null)."
             )
         paths = _list_images(test_dir)
+        if not paths:
+            raise DataError(f"{test_dir}: no images in the test folder. Set competition.test_dir.")
         test = pd.DataFrame({"id": [str(p.relative_to(test_dir)) for p in paths], "path": paths})
     return Competition(cc.name, classes, train, test, holdout, None, "id", "label")
 

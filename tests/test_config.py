@@ -75,3 +75,17 @@ def test_replace_validates():
 def test_missing_file():
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("configs/nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.batch_size=0", r"data\.batch_size: 0 must be at least 1"),
+        ("data.crop_pct=0", r"data\.crop_pct: 0\.0 must be in \(0, 1\]"),
+        ("optim.epochs=0", r"optim\.epochs: 0 must be at least 1"),
+        ("folds.k=1", r"folds\.k: 1 must be at least 2"),
+    ],
+)
+def test_values_the_runner_cannot_use_are_rejected(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])

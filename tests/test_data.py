@@ -149,3 +149,48 @@ def test_id_escaping_the_data_folder(kaggle_copy):
 def test_missing_data_folder():
     with pytest.raises(DataError, match="data folder not found"):
         read_competition(_config("/nonexistent/data"))
+
+
+def test_blank_label_names_the_row(kaggle_copy):
+    train = pd.read_csv(kaggle_copy / "train.csv", dtype=str)
+    train.loc[3, "label"] = ""
+    train.to_csv(kaggle_copy / "train.csv", index=False)
+    with pytest.raises(DataError, match=r"empty 'label' in row\(s\) 5"):
+        read_competition(_config(kaggle_copy))
+
+
+def test_duplicate_test_ids_in_test_csv(kaggle_copy):
+    sample = pd.read_csv(kaggle_copy / "sample_submission.csv", dtype=str)
+    pd.concat([sample, sample.head(1)])[["image_id"]].to_csv(kaggle_copy / "test.csv", index=False)
+    with pytest.raises(DataError, match=r"test\.csv: duplicate ids"):
+        read_competition(_config(kaggle_copy, "competition.test_csv=test.csv"))
+
+
+def test_bad_image_pattern_is_a_config_error(kaggle_copy):
+    from competition.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"image_pattern=.*\{id\}"):
+        read_competition(_config(kaggle_copy, "competition.image_pattern='{image_id}.jpg'"))
+
+
+def test_symlinked_images_are_accepted(kaggle_copy, tmp_path):
+    """A folder of links (a common way to assemble data) is not an escape."""
+    linked = tmp_path / "linked"
+    shutil.copytree(kaggle_copy, linked, ignore=shutil.ignore_patterns("*.jpg"))
+    for image in (kaggle_copy / "train").iterdir():
+        (linked / "train" / image.name).symlink_to(image)
+    for image in (kaggle_copy / "test").iterdir():
+        (linked / "test" / image.name).symlink_to(image)
+    assert len(read_competition(_config(linked)).train) == 48
+
+
+def test_empty_test_folder_in_folder_layout(tmp_path):
+    root = tmp_path / "hym"
+    shutil.copytree(HYMENOPTERA / "val", root / "train")
+    (root / "test").mkdir()
+    config = load_config(
+        REPO_ROOT / "configs" / "hymenoptera.yaml",
+        [f"competition.root={root}", "competition.holdout_dir=null", "competition.test_dir=test"],
+    )
+    with pytest.raises(DataError, match="no images in the test folder"):
+        read_competition(config)
