@@ -28,7 +28,7 @@ from competition.errors import ConfigError
 from competition.io import load_torch, save_torch, write_csv
 from competition.loaders import reseed
 from competition.metrics import Metric
-from competition.predict import autocast, predict_probs, to_device
+from competition.predict import autocast, bf16_supported, predict_probs, to_device
 
 
 @dataclass
@@ -72,7 +72,9 @@ def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
 def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, optim)
     if optim.name == "sgd":
-        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=True)
+        return torch.optim.SGD(
+            groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.momentum > 0
+        )
     return torch.optim.AdamW(groups, lr=optim.lr)
 
 
@@ -128,7 +130,7 @@ class FoldTrainer:
                 multi_avg_fn=get_ema_multi_avg_fn(config.optim.ema_decay),
                 use_buffers=True,
             )
-        fp16 = self.amp and not torch.cuda.is_bf16_supported()
+        fp16 = self.amp and not bf16_supported()
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
 
     # -- checkpoints ------------------------------------------------------------------------------

@@ -77,6 +77,7 @@ class KorniaAugment(BatchAugment):
         self.module = module
 
     def __call__(self, images, targets):
+        self.module.to(images.device)  # a no-op after the first call on a device
         out = self.module(images)
         return out.clamp(0.0, 1.0).to(images.dtype), targets
 
