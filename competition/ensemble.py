@@ -44,7 +44,11 @@ def load_finished_run(run_dir: str | Path) -> FinishedRun:
     oof_path = run_dir / "oof.csv"
     if not oof_path.is_file():
         raise ConfigError(f"{run_dir}: no oof.csv; finish the run first (competition train ...)")
-    oof = pd.read_csv(oof_path, dtype={"id": str}).sort_values("id").reset_index(drop=True)
+    oof = (
+        pd.read_csv(oof_path, dtype={"id": str}, keep_default_na=False)
+        .sort_values("id")
+        .reset_index(drop=True)
+    )
     classes = [c for c in oof.columns if c not in ("id", "fold", "target")]
     folds = sorted(set(oof["fold"]))
 
@@ -116,6 +120,8 @@ def blend(
     weights = fit_weights(stacked, targets)
 
     out = Path(runs_dir) / name
+    if (out / "config.yaml").is_file() or out.resolve() in {r.path.resolve() for r in runs}:
+        raise ConfigError(f"ensemble --name {name}: {out} is a training run; choose another name")
     oof = first.oof[["id", "fold", "target"]].copy()
     oof[first.classes] = blended
     write_csv(out / "oof.csv", oof)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.metadata
+import re
 from collections.abc import Mapping
 from functools import lru_cache
 
@@ -56,7 +57,11 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
                 f"plugin '{ep.name}' ({ep.value}) from package '{dist}' failed to import: "
                 f"{type(exc).__name__}: {exc}. Fix or uninstall it: pip uninstall {dist}"
             ) from exc
-        pm.register(plugin, name=ep.name)
+        try:
+            pm.register(plugin, name=ep.name)
+        except pluggy.PluginValidationError as exc:
+            dist = ep.dist.name if ep.dist else "unknown package"
+            raise PluginError(f"plugin '{ep.name}' from package '{dist}': {exc}") from exc
 
 
 @lru_cache(maxsize=1)
@@ -67,7 +72,20 @@ def get_plugin_manager() -> pluggy.PluginManager:
     for module_name in DEFAULT_PLUGINS:
         pm.register(importlib.import_module(module_name), name=module_name)
     _load_entry_points(pm)
+    _check_hook_names(pm)
     return pm
+
+
+def _check_hook_names(pm: pluggy.PluginManager) -> None:
+    """A misspelled hook would register silently and do nothing: name it and the closest hook."""
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        names = [n for n in dir(hookspecs) if n.startswith("competition_")]
+        unknown = [n for n in re.findall(r"competition_\w+", str(exc)) if n not in names]
+        close = difflib.get_close_matches(unknown[0], names, n=1) if unknown else []
+        hint = f" Did you mean {close[0]}?" if close else ""
+        raise PluginError(f"{exc}.{hint} Known hooks: {', '.join(names)}") from exc
 
 
 class ChainedComponents(Mapping):

@@ -72,9 +72,10 @@ def tune(config: Config, trials: int | None = None, runs_dir: Path = RUNS_DIR, *
         storage=storage,
         load_if_exists=True,
         direction="maximize" if metric.higher_is_better else "minimize",
-        sampler=optuna.samplers.TPESampler(seed=config.seed),
         pruner=pruner,
     )
+    # a resumed study must not replay the same random start-up trials: seed by progress
+    study.sampler = optuna.samplers.TPESampler(seed=config.seed + len(study.trials))
 
     def objective(trial) -> float:
         trial_config = suggest_config(trial, config)

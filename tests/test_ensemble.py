@@ -47,3 +47,11 @@ def test_blend_of_two_runs(trashnet_small, tmp_path, run_paths):
         blend([runs / "a", runs / "c"], "ac", runs_dir=runs)
     with pytest.raises(ConfigError, match="at least two"):
         blend([runs / "a"], "a_only", runs_dir=runs)
+
+
+def test_a_blend_never_overwrites_a_training_run(trashnet_small, tmp_path, run_paths):
+    run_cv(trashnet_config(trashnet_small, tmp_path, "name=a"), **run_paths)
+    run_cv(trashnet_config(trashnet_small, tmp_path, "name=b"), **run_paths)
+    runs = run_paths["runs_dir"]
+    with pytest.raises(ConfigError, match="is a training run"):
+        blend([runs / "a", runs / "b"], "a", runs_dir=runs)

@@ -122,3 +122,20 @@ def test_every_hook_is_documented_and_tested(name):
     tests = Path(__file__).parent
     sources = [p.read_text() for p in tests.glob("test_*.py") if p.name != Path(__file__).name]
     assert any(name in source for source in sources), f"no test names {name}"
+
+
+MISSPELLED = """
+from competition import hookimpl
+
+
+@hookimpl
+def competition_register_loss():
+    return {}
+"""
+
+
+def test_a_misspelled_hook_is_named_not_ignored(tmp_path, monkeypatch, fresh_manager):
+    _install_dist(tmp_path, "typo_plugin", MISSPELLED, "typo")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PluginError, match="Did you mean competition_register_losses"):
+        get_plugin_manager()

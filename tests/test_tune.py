@@ -32,6 +32,7 @@ def test_study_runs_reports_per_fold_and_resumes_from_storage(trashnet_small, tm
 
     resumed = tune(config, trials=2, runs_dir=runs_dir, **run_paths)  # one more, not two
     assert len(resumed.trials) == 2 and resumed.trials[0].params == first.params
+    assert resumed.trials[1].params != first.params  # a resumed sampler does not replay trials
     best = yaml.safe_load((runs_dir / "study-best.yaml").read_text())
     assert best["optim"]["lr"] == pytest.approx(resumed.best_params["optim.lr"])
     # each trial's run folder holds a normal CV run
