@@ -23,7 +23,7 @@ from competition.data import Competition, read_competition
 from competition.engine import FoldResult, FoldTrainer
 from competition.errors import ConfigError, PluginError
 from competition.folds import FOLDS_DIR, load_or_make_folds
-from competition.images import cached_images
+from competition.images import MappedImages, cached_images
 from competition.io import save_numpy, write_csv, write_json, write_text
 from competition.loaders import ImageDataset, SamplePipeline, make_loader
 from competition.manager import get_plugin_manager, resolve
@@ -92,12 +92,12 @@ class Run:
         data = config.data
         self.eval_size = data.eval_image_size or data.image_size
         self.cache_side = round(max(data.image_size, self.eval_size) / data.crop_pct)
-        self._images: dict[str, np.ndarray] = {}
+        self._images: dict[str, MappedImages] = {}
         self.views = tta_views(config.tta, self.pm)
 
     # -- data -------------------------------------------------------------------------------------
 
-    def images(self, split: str) -> np.ndarray:
+    def images(self, split: str) -> MappedImages:
         """The cached uint8 images of ``train``, ``test`` or ``holdout``."""
         if split not in self._images:
             table = getattr(self.competition, split)

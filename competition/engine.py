@@ -153,6 +153,7 @@ class FoldTrainer:
             "history": history,
             "config_hash": config_hash(self.config),
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
         }
         save_torch(self.fold_dir / "last.pt", state)
 
@@ -173,6 +174,8 @@ class FoldTrainer:
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])  # dropout, kornia draws on the GPU
         self.log(f"fold {self.fold}: resumed after epoch {state['epoch'] + 1} from {path}")
         return state["epoch"] + 1, state["best_score"], state["best_epoch"], state["history"]
 

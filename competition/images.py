@@ -58,6 +58,37 @@ def decode(path: str | Path, side: int, mode: str = "crop") -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
+class MappedImages:
+    """The cache file as a read-only memory map that pickles as its path.
+
+    DataLoader workers started with spawn (macOS, Windows) receive the dataset pickled; a plain
+    memory map would travel as a full copy of the cache every epoch, this reopens the file.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.array = np.load(self.path, mmap_mode="r")
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, index):
+        return self.array[index]
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.array, dtype=dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.array.shape
+
+
 def cache_key(paths: list[Path], side: int, mode: str) -> str:
     digest = hashlib.sha1(f"{side}:{mode}".encode())
     for path in paths:
@@ -77,13 +108,13 @@ def cached_images(
     mode: str = "crop",
     workers: int = 2,
     desc="cache",
-) -> np.ndarray:
-    """A read-only memory map (N, side, side, 3) uint8 of ``paths``, built on first use."""
+) -> MappedImages:
+    """The uint8 images (N, side, side, 3) of ``paths`` as :class:`MappedImages`, built once."""
     paths = [Path(p) for p in paths]
     cache_dir = Path(cache_dir)
     target = cache_dir / f"{desc}-{side}px-{mode}-{cache_key(paths, side, mode)}.npy"
     if target.is_file():
-        return np.load(target, mmap_mode="r")
+        return MappedImages(target)
     cache_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
         array = np.lib.format.open_memmap(
@@ -103,4 +134,4 @@ def cached_images(
         bar.close()
         array.flush()
         del array
-    return np.load(target, mmap_mode="r")
+    return MappedImages(target)

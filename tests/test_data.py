@@ -194,3 +194,15 @@ def test_empty_test_folder_in_folder_layout(tmp_path):
     )
     with pytest.raises(DataError, match="no images in the test folder"):
         read_competition(config)
+
+
+def test_cache_pickles_as_its_path_not_its_pixels(tmp_path):
+    """Spawned DataLoader workers (macOS, Windows) get the file name, not a copy of the cache."""
+    import pickle
+
+    paths = sorted((TRASHNET / "train").glob("t000*.jpg"))
+    images = cached_images(paths, 64, tmp_path / "cache", workers=1)
+    payload = pickle.dumps(images)
+    assert len(payload) < 1_000 < images.shape[0] * 64 * 64 * 3
+    clone = pickle.loads(payload)
+    assert np.array_equal(clone[3], images[3]) and len(clone) == len(images)
