@@ -24,10 +24,10 @@ from competition.engine import FoldResult, FoldTrainer
 from competition.errors import ConfigError, PluginError
 from competition.folds import FOLDS_DIR, load_or_make_folds
 from competition.images import MappedImages, cached_images
-from competition.io import save_numpy, write_csv, write_json, write_text
+from competition.io import load_torch, save_numpy, write_csv, write_json, write_text
 from competition.loaders import ImageDataset, SamplePipeline, make_loader
 from competition.manager import get_plugin_manager, resolve
-from competition.metrics import get_metric
+from competition.metrics import cv_scores, get_metric
 from competition.predict import predict_probs, select_device, tta_views
 from competition.report import write_report
 from competition.submission import write_submission
@@ -168,6 +168,11 @@ class Run:
     def fold_done(self, fold: int) -> bool:
         return (self.fold_dir(fold) / "result.json").is_file()
 
+    def fold_score(self, fold: int) -> float:
+        """The metric on one finished fold's OOF rows (with TTA), as ``cv.json`` reports it."""
+        oof = pd.read_csv(self.fold_dir(fold) / "oof.csv", dtype={"id": str}, keep_default_na=False)
+        return self.metric(oof["target"].to_numpy(), oof[self.classes].to_numpy())
+
     def train_fold(self, fold: int) -> FoldResult:
         config, fold_dir = self.config, self.fold_dir(fold)
         train_index = np.flatnonzero(self.fold_of != fold)
@@ -297,21 +302,13 @@ class Run:
             ]
         )
         write_csv(self.run_dir / "oof.csv", oof)
-        probs = oof[self.classes].to_numpy()
-        targets = oof["target"].to_numpy()
-        scores = [
-            self.metric(targets[oof["fold"] == f], probs[(oof["fold"] == f).to_numpy()])
-            for f in done
-        ]
-        cv = {
-            "metric": self.metric.name,
-            "folds": scores,
-            "mean": float(np.mean(scores)),
-            "std": float(np.std(scores)),
-            "oof": self.metric(targets, probs),
-            "folds_done": done,
-            "k": self.config.folds.k,
-        }
+        cv = cv_scores(
+            self.metric,
+            oof["target"].to_numpy(),
+            oof[self.classes].to_numpy(),
+            oof["fold"].to_numpy(),
+        )
+        cv["k"] = self.config.folds.k
         if self.competition.holdout is not None:
             holdout = np.mean(
                 [np.load(self.fold_dir(f) / "holdout_probs.npy") for f in done], axis=0
@@ -366,10 +363,7 @@ def predict_run(run_dir: Path, overrides: dict | None = None, **paths) -> dict:
     for fold in range(config.folds.k):
         if run.fold_done(fold):
             model = run.create_model().to(run.device)
-            state = torch.load(
-                run.fold_dir(fold) / "best.pt", map_location=run.device, weights_only=True
-            )
-            model.load_state_dict(state["model"])
+            model.load_state_dict(load_torch(run.fold_dir(fold) / "best.pt", run.device)["model"])
             run.predict_fold(model, fold, np.flatnonzero(run.fold_of == fold))
     cv = run.summarise()
     write_json(run.run_dir / "cv.json", cv)

@@ -27,7 +27,7 @@ from competition.config import Config, OptimConfig
 from competition.errors import ConfigError
 from competition.io import load_torch, save_torch, write_csv
 from competition.loaders import reseed
-from competition.metrics import Metric
+from competition.metrics import METRICS, Metric
 from competition.predict import autocast, bf16_supported, predict_probs, to_device
 
 
@@ -248,9 +248,7 @@ class FoldTrainer:
                 desc="validate",
             )
             score = self.metric(val_targets, probs)
-            val_loss = float(
-                -np.mean(np.log(np.clip(probs[np.arange(len(val_targets)), val_targets], 1e-15, 1)))
-            )
+            val_loss = METRICS["log_loss"](val_targets, probs)
             improved = self.metric.better(score, best)
             if improved:
                 best, best_epoch = score, epoch

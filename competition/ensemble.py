@@ -21,7 +21,7 @@ from competition.cv import RUNS_DIR, SUBMISSIONS_DIR, load_run_config
 from competition.data import read_competition
 from competition.errors import ConfigError
 from competition.io import write_csv, write_json
-from competition.metrics import get_metric
+from competition.metrics import cv_scores, get_metric
 from competition.report import write_report
 from competition.submission import write_submission
 
@@ -125,15 +125,8 @@ def blend(
     oof = first.oof[["id", "fold", "target"]].copy()
     oof[first.classes] = blended
     write_csv(out / "oof.csv", oof)
-    done = sorted(set(folds.tolist()))
-    scores = [metric(targets[folds == k], blended[folds == k]) for k in done]
     cv = {
-        "metric": metric.name,
-        "folds": scores,
-        "mean": float(np.mean(scores)),
-        "std": float(np.std(scores)),
-        "oof": metric(targets, blended),
-        "folds_done": done,
+        **cv_scores(metric, targets, blended, folds),
         "k": first.config.folds.k,
         "runs": [str(r.path) for r in runs],
         "weights": [float(w) for w in weights],

@@ -50,6 +50,20 @@ METRICS = {
 }
 
 
+def cv_scores(metric: Metric, targets: np.ndarray, probs: np.ndarray, folds: np.ndarray) -> dict:
+    """The ``cv.json`` scores of OOF rows: per fold (in fold order), mean, std, and pooled OOF."""
+    done = sorted(set(np.asarray(folds).tolist()))
+    scores = [metric(targets[folds == k], probs[folds == k]) for k in done]
+    return {
+        "metric": metric.name,
+        "folds": scores,
+        "mean": float(np.mean(scores)),
+        "std": float(np.std(scores)),
+        "oof": metric(targets, probs),
+        "folds_done": done,
+    }
+
+
 def get_metric(name: str) -> Metric:
     if name not in METRICS:
         raise ConfigError(f"metric: unknown metric '{name}'; choose one of {', '.join(METRICS)}")

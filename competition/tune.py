@@ -87,7 +87,7 @@ def tune(config: Config, trials: int | None = None, runs_dir: Path = RUNS_DIR, *
         for fold in range(trial_config.folds.k):
             if not run.fold_done(fold):
                 run.train_fold(fold)
-            scores.append(run.summarise()["folds"][-1])
+            scores.append(run.fold_score(fold))
             trial.report(sum(scores) / len(scores), step=fold)
             if trial.should_prune():
                 raise optuna.TrialPruned()
