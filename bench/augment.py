@@ -39,6 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from competition.config import load_config, replace  # noqa: E402
 from competition.cv import Run  # noqa: E402
+from competition.device import autocast, to_device  # noqa: E402
 from competition.engine import FoldTrainer, warmup_cosine  # noqa: E402
 from competition.images import cached_images, decode  # noqa: E402
 from competition.loaders import (  # noqa: E402
@@ -48,7 +49,6 @@ from competition.loaders import (  # noqa: E402
     make_loader,
 )
 from competition.manager import resolve  # noqa: E402
-from competition.predict import autocast, to_device  # noqa: E402
 
 BATCH_AUGMENTS = ("randaugment", "trivialaugment", "mixup", "cutmix")
 BASE_TRAIN = [

@@ -43,10 +43,10 @@ from tqdm.auto import tqdm
 
 from competition.config import REPO_ROOT, Config, replace
 from competition.cv import Run
+from competition.device import autocast, to_device
 from competition.errors import ConfigError, PluginError
 from competition.images import cache_key
 from competition.io import atomic_path, save_numpy, write_csv, write_json
-from competition.predict import autocast, to_device
 
 METHODS = ("knn", "ncm", "linear")
 NORMS = ("none", "l2", "center_l2", "pca", "pca_whiten")

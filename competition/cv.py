@@ -20,6 +20,7 @@ import yaml
 
 from competition.config import REPO_ROOT, Config
 from competition.data import Competition, read_competition
+from competition.device import select_device
 from competition.engine import FoldResult, FoldTrainer
 from competition.errors import ConfigError, PluginError
 from competition.folds import FOLDS_DIR, load_or_make_folds
@@ -28,7 +29,7 @@ from competition.io import load_torch, save_numpy, write_csv, write_json, write_
 from competition.loaders import ImageDataset, SamplePipeline, make_loader
 from competition.manager import get_plugin_manager, resolve
 from competition.metrics import cv_scores, get_metric
-from competition.predict import predict_probs, select_device, tta_views
+from competition.predict import predict_probs, tta_views
 from competition.report import write_report
 from competition.submission import write_submission
 

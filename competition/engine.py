@@ -24,11 +24,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from competition.config import Config, OptimConfig
+from competition.device import autocast, bf16_supported, to_device
 from competition.errors import ConfigError
 from competition.io import load_torch, save_torch, write_csv
 from competition.loaders import reseed
 from competition.metrics import METRICS, Metric
-from competition.predict import autocast, bf16_supported, predict_probs, to_device
+from competition.predict import predict_probs
 
 
 @dataclass
