@@ -3,7 +3,12 @@
 Plugins implement the hooks in :mod:`competition.hookspecs` and mark them with :data:`hookimpl`.
 """
 
+import os
+
 import pluggy
+
+# albumentations asks PyPI for a newer version on every import; nothing may reach the network
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 __version__ = "0.1.0"
 

@@ -2,13 +2,16 @@
 
 Every section is a frozen dataclass; :func:`load_config` reads a YAML file, applies overrides such
 as ``optim.lr=0.01`` (values parsed as YAML) and checks every key against the dataclasses, naming
-the full key path in errors.
+the full key path in errors. YAML is read with the YAML 1.2 core schema (:func:`load_yaml`), so
+``3e-4`` is a number and ``yes``, ``off`` or ``2024-01-01`` are strings.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +23,104 @@ import yaml
 from competition.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# -- YAML 1.2 -------------------------------------------------------------------------------------
+
+_INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+_TAG = "tag:yaml.org,2002:"
+_IMPLICIT_12 = [  # YAML 1.2 core schema, in resolution order (an int before a float)
+    ("null", re.compile(r"^(?:~|null|Null|NULL|)$"), ["~", "n", "N", ""]),
+    ("bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")),
+    ("int", _INT, list("-+0123456789")),
+    ("float", _FLOAT, list("-+.0123456789")),
+]
+
+
+class YAML12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 core-schema scalars and unique mapping keys.
+
+    PyYAML follows YAML 1.1, where ``3e-4`` (no dot) is a string, ``yes``/``off`` are booleans,
+    ``010`` is octal 8 and ``1:30`` is 90; here they are 0.0003, strings, 10 and a string.
+    """
+
+    def construct_yaml_int(self, node):
+        text = self.construct_scalar(node)
+        if not _INT.fullmatch(text):  # an explicit !!int in a YAML 1.1 form
+            return super().construct_yaml_int(node)
+        return int(text[2:], 8) if text.startswith("0o") else int(text, 0 if "x" in text else 10)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == _TAG + "merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # the base class reports it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+class YAML12Dumper(yaml.SafeDumper):
+    """PyYAML's safe dumper that also quotes strings YAML 1.2 reads as numbers (``'3e-4'``), so
+    its output reads back the same with :func:`load_yaml` and with ``yaml.safe_load``."""
+
+
+# the loader keeps only YAML 1.1's merge key (<<); the dumper keeps all of 1.1 and adds 1.2
+YAML12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag == _TAG + "merge"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _tag, _rx, _first in _IMPLICIT_12:
+    YAML12Loader.add_implicit_resolver(_TAG + _tag, _rx, _first)
+    YAML12Dumper.add_implicit_resolver(_TAG + _tag, _rx, _first)
+YAML12Loader.add_constructor(_TAG + "int", YAML12Loader.construct_yaml_int)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text as YAML 1.2 (core schema); raises ``yaml.YAMLError`` on bad YAML."""
+    return yaml.load(text, Loader=YAML12Loader)
+
+
+def dump_yaml(data: Any) -> str:
+    """YAML text that :func:`load_yaml` (and ``yaml.safe_load``) read back as ``data``."""
+    return yaml.dump(data, Dumper=YAML12Dumper, sort_keys=False, allow_unicode=True)
+
+
+# -- plain names ----------------------------------------------------------------------------------
+
+_PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
+def plain_name(value: str, key: str) -> str:
+    """Return ``value`` if it is a plain name, else raise ConfigError naming ``key`` and the rule.
+
+    A plain name is 1-128 letters, digits, ``.``, ``_`` or ``-``, not starting with ``.`` or ``-``:
+    it names files and folders (runs/<name>, submissions/<name>.csv, folds/<name>-*.csv), so it
+    can never be a path (``..``, ``a/b``, ``/abs``) or escape those folders.
+    """
+    if isinstance(value, str) and _PLAIN.fullmatch(value):
+        return value
+    text = value if isinstance(value, str) else ""
+    suggestion = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip(".-")[:128] or "x"
+    raise ConfigError(
+        f"{key}={value!r}: names are plain names (1-128 letters, digits, '.', '_', '-', not "
+        f"starting with '.' or '-'), used in file and folder names (runs/<name>, "
+        f"submissions/<name>.csv, folds/<name>-*.csv); choose e.g. {key}={suggestion}"
+    )
 
 
 @dataclass(frozen=True)
@@ -221,6 +322,8 @@ def _convert(value: Any, tp, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -287,8 +390,17 @@ RANGES = [
 ]
 
 
+#: keys that name files or folders: each must pass :func:`plain_name`
+PLAIN_NAMES = ["name", "competition.name"]
+
+
 def check_ranges(config: Config) -> Config:
-    """Reject values the runner cannot use (a zero batch size, crop_pct 0, ...)."""
+    """Reject values the runner cannot use (a zero batch size, crop_pct 0, a path as a name...)."""
+    for key in PLAIN_NAMES:
+        value = config
+        for part in key.split("."):
+            value = getattr(value, part)
+        plain_name(value, key)
     for key, ok, what in RANGES:
         value = config
         for part in key.split("."):
@@ -305,7 +417,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"override '{item}': expected key=value, e.g. optim.lr=0.01")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            value = load_yaml(raw)
         except yaml.YAMLError:
             value = raw  # not YAML (e.g. {id}.jpg): take the text as it is
         node = data
@@ -327,7 +439,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
@@ -348,5 +460,7 @@ def replace(config: Config, overrides: dict[str, Any]) -> Config:
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: '{part}' is not a section")
         node[parts[-1]] = value
     return check_ranges(build(Config, data))
