@@ -6,8 +6,9 @@ the ``competition`` entry-point group.
 
 Two kinds of hooks:
 
-* ``competition_register_*``: every plugin contributes a mapping ``{name: factory}``; the config
-  picks a component by name. A later plugin (a user's) overrides a built-in of the same name.
+* ``competition_register_*``: every plugin contributes a mapping ``{name: factory}`` (for metrics
+  and weights ``{name: Metric}``, ``{name: WeightsPackage}``); the config picks a component by
+  name. A later plugin (a user's) overrides a built-in of the same name.
 * ``competition_create_*``: one plugin answers (``firstresult``); built-ins are ``trylast`` so a
   user's plugin wins.
 
@@ -88,6 +89,30 @@ def competition_register_tta():
     """
 
 
+@hookspec
+def competition_register_metrics():
+    """Return ``{name: metric}`` of validation metrics; the config key ``metric`` picks one.
+
+    Each value is a :class:`competition.metrics.Metric` whose ``name`` is its key.
+    ``metric(targets, probs) -> float`` takes integer targets (N,) and class probabilities (N, K)
+    (float64, rows sum to one; a fold may lack a class) and must not modify them or depend on row
+    order; ``higher_is_better`` tells checkpoint selection, tuning and ensembling which way is
+    better. :func:`competition.conformance.metrics.check_metric` tests that contract.
+    """
+
+
+@hookspec
+def competition_register_weights():
+    """Return ``{name: package}`` of pretrained weights; ``model.pretrained=<name>`` picks one.
+
+    Each value is a :class:`plugins.pretrained.WeightsPackage` (or any object with the same
+    fields): ``arch``, the timm architecture the weights fit (``model.backbone`` must be it);
+    ``load(model) -> dict`` of tensors in the timm model's key names (a classifier that does not
+    fit is dropped, any other mismatch is an error); ``install``, how to get the weights, shown
+    when they are missing. Weights are read from disk, never downloaded at run time.
+    """
+
+
 @hookspec(firstresult=True)
 def competition_create_model(config, num_classes):
     """Return the ``torch.nn.Module`` to train for ``config.model``; the first answer wins.
@@ -110,7 +135,8 @@ def competition_search_space(trial, config):
 
 @hookspec
 def competition_fold_start(fold, run_dir, config):
-    """A fold starts training; ``run_dir`` is the run's folder (``pathlib.Path``)."""
+    """A fold starts, in any verb that produces a run (train, a tune trial, baseline, predict,
+    ensemble); ``run_dir`` is the run's folder (``pathlib.Path``)."""
 
 
 @hookspec
@@ -120,7 +146,7 @@ def competition_epoch_end(fold, epoch, metrics, run_dir):
 
 @hookspec
 def competition_fold_end(fold, result, run_dir):
-    """A fold finished; ``result`` is its :class:`competition.engine.FoldResult`."""
+    """A fold finished and is recorded; ``result`` is its :class:`competition.runs.FoldResult`."""
 
 
 @hookspec

