@@ -2,7 +2,7 @@
 
 Measures on real images (trashnet-like or cub50-like folder), through the real core:
 
-1. images/s of ``Run.loader`` (decode-once cache + albumentations per sample) with 0, 1, 2 workers,
+1. images/s of ``Workspace.loader`` (decode-once cache + albumentations per sample), 0-2 workers,
    for RandomResizedCrop + HorizontalFlip, and the same + ColorJitter;
 2. images/s of the kornia / mixing batch augmentations on the device;
 3. training images/s of the model (``FoldTrainer._train_epoch``: forward, backward, AdamW step);
@@ -38,7 +38,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from competition.config import load_config, replace  # noqa: E402
-from competition.cv import Run  # noqa: E402
 from competition.device import autocast, to_device  # noqa: E402
 from competition.engine import FoldTrainer, warmup_cosine  # noqa: E402
 from competition.images import cached_images, decode  # noqa: E402
@@ -49,6 +48,7 @@ from competition.loaders import (  # noqa: E402
     make_loader,
 )
 from competition.manager import resolve  # noqa: E402
+from competition.workspace import Workspace  # noqa: E402
 
 BATCH_AUGMENTS = ("randaugment", "trivialaugment", "mixup", "cutmix")
 BASE_TRAIN = [
@@ -188,13 +188,7 @@ def bench(args, cuda: bool, steps: int, aug_reps: int, tmp: Path) -> None:
     ]
     config = load_config(config_path, overrides)
     config = replace(config, {"augment.train": BASE_TRAIN})
-    run = Run(
-        config,
-        runs_dir=tmp / "runs",
-        folds_dir=tmp / "folds",
-        submissions_dir=tmp / "submissions",
-        log=lambda *a, **k: None,
-    )
+    run = Workspace(config, folds_dir=tmp / "folds", log=lambda *a, **k: None)
     device = run.device
     results: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -403,7 +397,8 @@ def bench(args, cuda: bool, steps: int, aug_reps: int, tmp: Path) -> None:
     # -- tables ---------------------------------------------------------------------------------
     out.append(
         table(
-            f"Loader alone (Run.loader, {len(index)} images, batch {args.batch}, {args.size} px, "
+            f"Loader alone (Workspace.loader, {len(index)} images, batch {args.batch}, "
+            f"{args.size} px, "
             f"cache side {run.cache_side}; images/s per pass, worker start-up included)",
             ["train transforms", "workers", "epoch 1 img/s", "epoch 2 img/s", "loader / model"],
             [[*r, r[3] / train_speed] for r in loader_rows],

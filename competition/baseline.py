@@ -2,9 +2,8 @@
 
 No training of the network: the pretrained backbone embeds every image once (``model.embed``, eval
 transforms at the eval size), the embeddings are cached on disk, and a cheap classifier is fitted
-per fold on the fold's train part. The run writes the same files as ``competition train``
-(``fold_<k>/{oof.csv, test_probs.npy, holdout_probs.npy, result.json}``), so
-:meth:`competition.cv.Run.summarise` makes ``oof.csv``, ``cv.json``, the report and the submission.
+per fold on the fold's train part. A baseline is a fold producer of the run record
+(:mod:`competition.runs`): its run has the same files, events and submission as a training run.
 
 Methods and the probabilities they give:
 
@@ -35,18 +34,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
-from tqdm.auto import tqdm
 
 from competition.config import REPO_ROOT, Config, replace
-from competition.cv import Run
 from competition.device import autocast, to_device
 from competition.errors import ConfigError, PluginError
 from competition.images import cache_key
-from competition.io import atomic_path, save_numpy, write_csv, write_json
+from competition.io import atomic_path, remove_orphan_temporaries
+from competition.progress import progress
+from competition.runs import FoldPredictions, FoldResult, FoldTask, OutputDirs, produce_run
+from competition.workspace import Workspace
 
 METHODS = ("knn", "ncm", "linear")
 NORMS = ("none", "l2", "center_l2", "pca", "pca_whiten")
@@ -215,18 +214,41 @@ def embeddings_dir(config: Config) -> Path:
     return (REPO_ROOT / config.data.cache_dir).parent / "embeddings"
 
 
-def embedding_key(run: Run, split: str, view: str) -> str:
-    """Everything an embedding depends on: model, weights, pooling, eval pipeline, the images."""
+def weights_identity(config: Config) -> dict:
+    """What the embedding weights are: a file's content hash, a package name, or a seeded init.
+
+    Without pretrained weights the backbone is initialised from ``seed`` (see
+    :meth:`EmbeddingStore._model`), so train and test embeddings always come from one model.
+    """
+    source = config.model.pretrained
+    if source is None:
+        return {"random_init": config.seed, "timm": _version("timm"), "torch": _version("torch")}
+    path = Path(source)
+    if path.is_file():
+        digest = hashlib.sha1()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return {"file_sha1": digest.hexdigest()}
+    return {"package": source}
+
+
+def _version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def embedding_key(run: Workspace, split: str, view: str) -> str:
+    """Everything an embedding depends on: weights' content, pooling, eval pipeline, the images."""
     config, data = run.config, run.config.data
-    pretrained = config.model.pretrained
-    weights = {"source": pretrained}
-    if pretrained and Path(pretrained).is_file():
-        stat = Path(pretrained).stat()
-        weights.update(size=stat.st_size, mtime=stat.st_mtime_ns)
     paths = [Path(p) for p in getattr(run.competition, split)["path"]]
     parts = {
         "backbone": config.model.backbone,
-        "weights": weights,
+        "weights": weights_identity(config),
         "pooling": config.model.pooling,
         "eval_size": run.eval_size,
         "crop_pct": data.crop_pct,
@@ -238,12 +260,12 @@ def embedding_key(run: Run, split: str, view: str) -> str:
 
 
 @torch.inference_mode()
-def extract(run: Run, model: torch.nn.Module, split: str, views: list[str]) -> dict:
+def extract(run: Workspace, model: torch.nn.Module, split: str, views: list[str]) -> dict:
     """Embeddings (N, D) float32 of ``split`` for each view (``identity``, ``hflip``)."""
     amp = run.config.amp and run.device.type == "cuda"
     channels_last = run.config.model.channels_last
     chunks: dict[str, list] = {view: [] for view in views}
-    for images, _ in tqdm(run.loader(split), desc=f"embed {split}", unit="batch", leave=False):
+    for images, _ in progress(run.loader(split), desc=f"embed {split}", unit="batch"):
         images = to_device(images, run.device, channels_last)
         for view in views:
             x = images.flip(3) if view == "hflip" else images
@@ -255,9 +277,10 @@ def extract(run: Run, model: torch.nn.Module, split: str, views: list[str]) -> d
 class EmbeddingStore:
     """Embeddings of a run's splits, computed once per image and view and cached on disk."""
 
-    def __init__(self, run: Run, log=print):
+    def __init__(self, run: Workspace, log=print):
         self.run, self.log = run, log
         self.directory = embeddings_dir(run.config)
+        remove_orphan_temporaries(self.directory)
         self.model: torch.nn.Module | None = None
         self.computed: list[str] = []  # "<split>/<view>" computed (not read from the cache)
         self.seconds = 0.0
@@ -270,6 +293,8 @@ class EmbeddingStore:
 
     def _model(self) -> torch.nn.Module:
         if self.model is None:
+            # seeded: a backbone without pretrained weights is the same random one every time
+            torch.manual_seed(self.run.config.seed)
             model = self.run.create_model()
             if not callable(getattr(model, "embed", None)):
                 raise PluginError(
@@ -305,68 +330,86 @@ class EmbeddingStore:
 # -- the run --------------------------------------------------------------------------------------
 
 
-def run_baseline(config: Config, options: BaselineOptions, log=print, **paths) -> dict:
-    """K-fold CV of a frozen-feature baseline; writes ``runs/<name>-<method>/`` like a training run.
+#: The options each method uses, in the order they appear in a run name.
+USED = {
+    "knn": ("k", "temperature", "norm", "pca_dim", "hflip"),
+    "ncm": ("temperature", "norm", "pca_dim", "hflip"),
+    "linear": ("C", "norm", "pca_dim", "hflip"),
+}
 
-    ``paths`` are :class:`~competition.cv.Run`'s ``runs_dir``, ``folds_dir``, ``submissions_dir``.
-    Every fold is recomputed (it takes seconds); the embeddings come from the cache when present.
-    With a holdout set, ``cv["lb_full"]`` is its score when fitted on the whole train set.
+
+def baseline_name(name: str, options: BaselineOptions) -> str:
+    """``<name>-<method>`` plus the options that differ from the defaults: ``exp-knn-k3-hflip``.
+
+    Each choice of options is its own run, so two choices compare side by side.
+    """
+    default = BaselineOptions(method=options.method)
+    parts = [options.method]
+    for key in USED[options.method]:
+        value = getattr(options, key)
+        if key == "pca_dim" and options.norm not in ("pca", "pca_whiten"):
+            continue
+        if value != getattr(default, key):
+            parts.append(key if value is True else f"{key}{value}")
+    return "-".join([name, *parts])
+
+
+class BaselineFold:
+    """Producer: fit the classifier on the fold's train embeddings, predict the rest."""
+
+    def __init__(self, workspace: Workspace, options: BaselineOptions, features: dict):
+        self.workspace, self.options, self.features = workspace, options, features
+
+    def __call__(self, task: FoldTask) -> FoldPredictions:
+        started = time.perf_counter()
+        train = self.features["train"]
+        targets = self.workspace.targets
+        others = [s for s in self.workspace.split_names() if s in self.features]
+        probs = fit_predict(
+            train[task.train_index],
+            targets[task.train_index],
+            [train[task.valid_index]] + [self.features[s] for s in others],
+            len(self.workspace.classes),
+            self.options,
+        )
+        result = FoldResult(
+            task.fold,
+            best_score=self.workspace.metric(targets[task.valid_index], probs[0]),
+            seconds=time.perf_counter() - started,
+            info={"method": self.options.method},
+        )
+        return FoldPredictions(probs[0], dict(zip(others, probs[1:], strict=True)), result)
+
+
+def run_baseline(config: Config, options: BaselineOptions, folds=None, log=print, **paths) -> dict:
+    """K-fold CV of a frozen-feature baseline as the run ``runs/<name>-<method>[-<options>]/``.
+
+    ``paths`` are :class:`~competition.runs.OutputDirs` fields. The embeddings come from the cache
+    when present. With a holdout set, ``cv["lb_full"]`` is its score when fitted on all rows.
     """
     started = time.perf_counter()
-    config = replace(config, {"name": f"{config.name}-{options.method}"})
-    run = Run(config, log=log, **paths)
-    run.prepare_run_dir()
-    write_json(run.run_dir / "baseline.json", dataclasses.asdict(options))
-    store = EmbeddingStore(run, log)
-    splits = [s for s in SPLITS if getattr(run.competition, s) is not None]
+    config = replace(config, {"name": baseline_name(config.name, options)})
+    dirs = OutputDirs(**paths)
+    workspace = Workspace(config, dirs.folds_dir, log)
+    store = EmbeddingStore(workspace, log)
+    splits = ["train", *workspace.split_names()]
     features = {split: store.get(split, options.hflip) for split in splits}
-    train = run.competition.train
-    targets = train["target"].to_numpy()
-    others = [s for s in ("test", "holdout") if s in features]
-    num_classes = len(run.classes)
-    for fold in range(config.folds.k):
-        tick = time.perf_counter()
-        train_index = np.flatnonzero(run.fold_of != fold)
-        valid_index = np.flatnonzero(run.fold_of == fold)
-        fold_dir = run.fold_dir(fold)
-        probs = fit_predict(
-            features["train"][train_index],
-            targets[train_index],
-            [features["train"][valid_index]] + [features[s] for s in others],
-            num_classes,
-            options,
-        )
-        oof = pd.DataFrame(
-            {
-                "id": train["id"].to_numpy()[valid_index],
-                "fold": fold,
-                "target": targets[valid_index],
-            }
-        )
-        oof[run.classes] = probs[0]
-        write_csv(fold_dir / "oof.csv", oof)
-        for split, split_probs in zip(others, probs[1:], strict=True):
-            save_numpy(fold_dir / f"{split}_probs.npy", split_probs)
-        score = run.metric(targets[valid_index], probs[0])
-        result = {
-            "fold": fold,
-            "best_epoch": 0,
-            "best_score": score,
-            "history": [],
-            "seconds": time.perf_counter() - tick,
-            "method": options.method,
-        }
-        write_json(fold_dir / "result.json", result)
-    cv = run.summarise()
+    produced_by = {"verb": "baseline", "baseline": dataclasses.asdict(options)}
+    producer = BaselineFold(workspace, options, features)
+    cv = produce_run(workspace, produced_by, producer, folds, dirs)
     if "holdout" in features:
         (holdout_probs,) = fit_predict(
-            features["train"], targets, [features["holdout"]], num_classes, options
+            features["train"],
+            workspace.targets,
+            [features["holdout"]],
+            len(workspace.classes),
+            options,
         )
-        cv["lb_full"] = run.metric(run.competition.holdout["target"].to_numpy(), holdout_probs)
-    cv["baseline"] = dataclasses.asdict(options)
+        cv["lb_full"] = workspace.metric(
+            workspace.competition.holdout["target"].to_numpy(), holdout_probs
+        )
     cv["embeddings"] = {"computed": store.computed, "seconds": round(store.seconds, 1)}
     cv["seconds"] = round(time.perf_counter() - started, 1)
-    write_json(run.run_dir / "cv.json", cv)
     return cv
 
 

@@ -23,12 +23,16 @@ def cmd_demo(args) -> None:
 
 
 def cmd_folds(args) -> None:
+    from competition.audit import raise_if_unreadable
     from competition.config import load_config
     from competition.data import read_competition
     from competition.folds import folds_path, load_or_make_folds
 
     config = load_config(args.config, args.overrides)
     competition = read_competition(config)
+    kaggle = config.competition.layout == "kaggle"
+    source = config.competition.train_csv if kaggle else f"{config.competition.train_dir}/"
+    raise_if_unreadable(competition.train, source, config.data.num_workers, csv_rows=kaggle)
     fold = load_or_make_folds(competition.train, config.competition.name, config.folds)
     table = competition.train.assign(fold=fold)
     counts = table.pivot_table(
@@ -41,9 +45,36 @@ def cmd_folds(args) -> None:
     )
 
 
+def cmd_check(args) -> int:
+    from competition.audit import audit
+    from competition.config import load_config
+    from competition.runs import write_audit
+
+    config = load_config(args.config, args.overrides)
+    result = audit(config, **({} if args.threshold is None else {"threshold": args.threshold}))
+    path = write_audit(result, config.competition.name)
+    findings = result.findings
+    if len(findings):
+        with pd_options():
+            print(findings[["severity", "kind", "split", "file", "other_file"]].to_string())
+    summary = result.summary
+    print(
+        f"\n{result.errors} error(s), {result.warnings} warning(s); imbalance ratio "
+        f"{summary.get('imbalance_ratio')}; report: {path / 'report.md'}"
+    )
+    return 1 if result.errors else 0
+
+
+def pd_options():
+    import pandas as pd
+
+    return pd.option_context("display.max_rows", 60, "display.width", 160)
+
+
 def cmd_train(args) -> None:
     from competition.config import load_config
-    from competition.cv import run_cv, summary_table
+    from competition.cv import run_cv
+    from competition.runs import summary_table
 
     config = load_config(args.config, args.overrides)
     cv = run_cv(config, folds=args.folds)
@@ -52,7 +83,8 @@ def cmd_train(args) -> None:
 
 def cmd_predict(args) -> None:
     from competition.config import apply_overrides
-    from competition.cv import predict_run, summary_table
+    from competition.cv import predict_run
+    from competition.runs import summary_table
 
     flat: dict = {}
     for item in args.overrides:
@@ -62,14 +94,14 @@ def cmd_predict(args) -> None:
         for part in key.split("."):
             node = node[part]
         flat[key] = node
-    cv = predict_run(Path(args.run_dir), flat)
+    cv = predict_run(Path(args.run_dir), flat, name=args.name)
     print(summary_table(cv))
 
 
 def cmd_baseline(args) -> None:
     from competition.baseline import BaselineOptions, run_baseline
     from competition.config import load_config
-    from competition.cv import summary_table
+    from competition.runs import summary_table
 
     given = {
         "method": args.method,
@@ -81,7 +113,7 @@ def cmd_baseline(args) -> None:
         "hflip": args.hflip,
     }
     options = BaselineOptions(**{key: value for key, value in given.items() if value is not None})
-    cv = run_baseline(load_config(args.config, args.overrides), options)
+    cv = run_baseline(load_config(args.config, args.overrides), options, folds=args.folds)
     print(summary_table(cv))
     if "lb_full" in cv:
         print(f"{'LB all':>6}  {cv['lb_full']:>10.4f}  (fitted on the whole train set)")
@@ -107,8 +139,10 @@ def cmd_ensemble(args) -> None:
     cv = blend(args.runs, args.name)
     for run, weight in zip(cv["runs"], cv["weights"], strict=True):
         print(f"{weight:6.3f}  {run}  (OOF {cv['members'][run]:.4f})")
+    how = "nested" if cv["nested"] else "in-sample: one common fold"
     print(
-        f"blend CV {cv['metric']} {cv['mean']:.4f} ± {cv['std']:.4f} (nested), OOF {cv['oof']:.4f}"
+        f"blend CV {cv['metric']} {cv['mean']:.4f} ± {cv['std']:.4f} ({how}), "
+        f"OOF {cv['oof']:.4f} on {cv['rows']} rows"
     )
     if "lb" in cv:
         print(f"LB {cv['lb']:.4f}")
@@ -164,9 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--folds", type=_folds_arg, default=None, help="only these folds, e.g. 0,2")
     train.set_defaults(func=cmd_train)
 
-    predict = sub.add_parser("predict", help="re-predict the test set from a finished run's folds")
+    predict = sub.add_parser(
+        "predict", help="a new run from a finished run's fold weights with other TTA or test data"
+    )
     predict.add_argument("run_dir", help="a run folder, e.g. runs/trashnet")
     predict.add_argument("overrides", nargs="*", help="overrides such as tta=[identity,hflip]")
+    predict.add_argument(
+        "--name", default=None, help="the new run's name (default: <run>-<what changed>-<hash>)"
+    )
     predict.set_defaults(func=cmd_predict)
 
     baseline = sub.add_parser(
@@ -187,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     baseline.add_argument("--pca-dim", type=int, help="components kept by the pca norms (256)")
     baseline.add_argument("--C", type=float, help="inverse L2 strength of linear (default 1.0)")
     baseline.add_argument("--hflip", action="store_true", help="average with mirrored embeddings")
+    baseline.add_argument(
+        "--folds", type=_folds_arg, default=None, help="only these folds, e.g. 0,2"
+    )
     baseline.set_defaults(func=cmd_baseline)
 
     tune = sub.add_parser("tune", help="Optuna study of the recipe against the CV score")
@@ -199,6 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     ensemble.add_argument("runs", nargs="+", help="run folders, e.g. runs/a runs/b")
     ensemble.add_argument("--name", required=True, help="name of the blend (runs/<name>)")
     ensemble.set_defaults(func=cmd_ensemble)
+
+    check = sub.add_parser(
+        "check", help="audit the data: unreadable files, duplicates, label conflicts, balance"
+    )
+    check.add_argument("config", help="YAML config, e.g. configs/trashnet.yaml")
+    check.add_argument("overrides", nargs="*", help="config overrides key=value")
+    check.add_argument(
+        "--threshold", type=int, help="near duplicates: pHash bits apart, of 64 (default 4)"
+    )
+    check.set_defaults(func=cmd_check)
 
     plugins = sub.add_parser("plugins", help="list plugins and the components they provide")
     plugins.add_argument("--all", action="store_true", help="list every component (timm has many)")
@@ -216,6 +268,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if overrides and not hasattr(args, "overrides"):
         parser.error(f"'{args.command}' takes no key=value overrides: {' '.join(overrides)}")
     if hasattr(args, "overrides"):
+        stray = [a for a in args.overrides if a not in overrides]
+        if stray:  # argparse took them as overrides; without '=' they would be dropped
+            parser.error(
+                f"{' '.join(map(repr, stray))}: an override is key=value, e.g. optim.lr=0.01"
+            )
         args.overrides = overrides
     return args
 
@@ -223,7 +280,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
-        args.func(args)
+        status = args.func(args)
     except CompetitionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -233,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

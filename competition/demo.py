@@ -46,7 +46,8 @@ def build_digits_competition(root: Path, test_size: float = 0.2, seed: int = 0) 
 
 
 def run_demo(overrides: list[str] | None = None) -> dict:
-    from competition.cv import run_cv, summary_table
+    from competition.cv import run_cv
+    from competition.runs import summary_table
 
     config = load_config(DEMO_CONFIG, overrides)
     root = build_digits_competition(config.data_root())

@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,26 +20,16 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm.auto import tqdm
 
 from competition.config import Config, OptimConfig
 from competition.device import autocast, bf16_supported, to_device
-from competition.errors import ConfigError
+from competition.errors import ConfigError, DamagedFileError, DivergenceError
 from competition.io import load_torch, save_torch, write_csv
 from competition.loaders import reseed
-from competition.metrics import METRICS, Metric
+from competition.metrics import Metric, log_loss
 from competition.predict import predict_probs
-
-
-@dataclass
-class FoldResult:
-    """What one fold's training produced."""
-
-    fold: int
-    best_epoch: int
-    best_score: float
-    history: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
+from competition.progress import progress
+from competition.runs import FoldResult
 
 
 def config_hash(config: Config) -> str:
@@ -48,6 +37,43 @@ def config_hash(config: Config) -> str:
     return hashlib.sha1(
         json.dumps(config.to_dict(), sort_keys=True, default=str).encode()
     ).hexdigest()
+
+
+def _cause(exc: BaseException, limit: int = 160) -> str:
+    """``exc`` as one short line: its type and the start of its message."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def load_checkpoint(path: Path, label: str, fix: str, keys=("model",), map_location="cpu") -> dict:
+    """A checkpoint this template wrote, loaded with ``weights_only=True``.
+
+    A missing, truncated or corrupt file, or one without ``keys``, is a :class:`DamagedFileError`
+    naming ``label`` (e.g. ``fold_0/last.pt``) and ``fix`` (what makes it again), never a raw
+    pickle or zip traceback.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DamagedFileError(f"{label} is missing ({path}); {fix}")
+    try:
+        state = load_torch(path, map_location)
+    except Exception as exc:  # truncated: RuntimeError or OSError; garbage: UnpicklingError
+        raise DamagedFileError(f"{label} is damaged ({_cause(exc)}); {fix}") from exc
+    missing = [key for key in keys if key not in state] if isinstance(state, dict) else keys
+    if missing:
+        raise DamagedFileError(
+            f"{label} is damaged (not a checkpoint of this template: no "
+            f"{', '.join(missing)}); {fix}"
+        )
+    return state
+
+
+def _mismatch(label: str, exc: BaseException, fix: str) -> DamagedFileError:
+    return DamagedFileError(
+        f"{label} does not fit this model ({_cause(exc)}): it was saved from another "
+        f"architecture, class list or plugin version; {fix}"
+    )
 
 
 def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
@@ -106,7 +132,7 @@ class FoldTrainer:
         device: torch.device,
         num_classes: int,
         on_epoch_end=None,
-        log=tqdm.write,
+        log=print,
     ):
         self.fold = fold
         self.config = config
@@ -133,6 +159,7 @@ class FoldTrainer:
             )
         fp16 = self.amp and not bf16_supported()
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        self._saved_epoch: int | None = None  # the epoch (0-based) last.pt holds
 
     # -- checkpoints ------------------------------------------------------------------------------
 
@@ -157,26 +184,34 @@ class FoldTrainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
         }
         save_torch(self.fold_dir / "last.pt", state)
+        self._saved_epoch = epoch
 
     def _resume(self, scheduler):
         path = self.fold_dir / "last.pt"
         if not path.is_file():
             return 0, None, -1, []
-        state = load_torch(path)
+        label = f"{self.fold_dir.name}/last.pt"
+        fix = f"delete it to retrain fold {self.fold} from scratch: rm {path}"
+        keys = ("model", "optimizer", "scheduler", "scaler", "epoch", "config_hash", "torch_rng")
+        state = load_checkpoint(path, label, fix, keys)
         if state["config_hash"] != config_hash(self.config):
             raise ConfigError(
                 f"{path}: this checkpoint was trained with another config. Choose a new run name "
                 f"(name=...) or delete {self.fold_dir.parent} to start over."
             )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["cuda_rng"])  # dropout, kornia draws on the GPU
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            if self.ema is not None and state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
+            torch.set_rng_state(state["torch_rng"])
+            if state.get("cuda_rng") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state_all(state["cuda_rng"])  # dropout, kornia draw on the GPU
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise _mismatch(label, exc, fix) from exc
+        self._saved_epoch = state["epoch"]
         self.log(f"fold {self.fold}: resumed after epoch {state['epoch'] + 1} from {path}")
         return state["epoch"] + 1, state["best_score"], state["best_epoch"], state["history"]
 
@@ -191,10 +226,11 @@ class FoldTrainer:
             if not (getattr(a, "mixes", False) and epoch >= epochs - mix_off)
         ]
         total = torch.zeros((), device=self.device)
+        # the first step whose loss is not finite, and that loss; kept on the device (no sync)
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        bad_loss = torch.zeros((), device=self.device)
         seen = 0
-        bar = tqdm(
-            loader, desc=f"fold {self.fold} epoch {epoch + 1}/{epochs}", unit="batch", leave=False
-        )
+        bar = progress(loader, desc=f"fold {self.fold} epoch {epoch + 1}/{epochs}", unit="batch")
         for step, (images, targets) in enumerate(bar):
             images = to_device(images, self.device, self.channels_last)
             targets = targets.to(self.device, non_blocking=True)
@@ -205,6 +241,10 @@ class FoldTrainer:
             with autocast(self.device, self.amp):
                 logits = self.model(images)
             loss = self.loss_fn(logits.float(), targets)
+            # only the loss: non-finite fp16 gradients are normal, GradScaler skips those steps
+            new_bad = (first_bad < 0) & ~torch.isfinite(loss.detach()).all()
+            first_bad = torch.where(new_bad, step, first_bad)
+            bad_loss = torch.where(new_bad, loss.detach().float().sum(), bad_loss)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if self.config.optim.grad_clip:
@@ -218,8 +258,40 @@ class FoldTrainer:
             total += loss.detach() * len(images)
             seen += len(images)
             if step % 20 == 0:  # the only host sync, at log intervals
+                self._check_loss(first_bad, bad_loss, epoch, bar)
                 bar.set_postfix(loss=f"{total.item() / seen:.4f}")
+        self._check_loss(first_bad, bad_loss, epoch, bar)
         return total.item() / max(seen, 1), seen
+
+    def _check_loss(self, first_bad: torch.Tensor, bad_loss: torch.Tensor, epoch: int, bar):
+        """Raise :class:`DivergenceError` if a step of this epoch had a non-finite loss. Called
+        before anything of the epoch is saved, so last.pt and best.pt never hold its weights."""
+        step = int(first_bad)
+        if step >= 0:
+            bar.close()
+            raise self._diverged(
+                f"the training loss became {float(bad_loss)} at epoch {epoch + 1}, step {step} "
+                "(batch index within the epoch, from 0)"
+            )
+
+    def _diverged(self, what: str) -> DivergenceError:
+        optim = self.config.optim
+        fixes = [f"lower optim.lr (now {optim.lr:g})"]
+        if optim.grad_clip:
+            fixes.append(f"lower optim.grad_clip (now {optim.grad_clip:g})")
+        else:
+            fixes.append("set optim.grad_clip (e.g. optim.grad_clip=1.0)")
+        if self.amp:
+            fixes.append("turn mixed precision off (amp=false)")
+        if self._saved_epoch is None:
+            kept = f"none yet (no epoch of fold {self.fold} finished)"
+        else:
+            kept = f"{self.fold_dir / 'last.pt'} after epoch {self._saved_epoch + 1}"
+        return DivergenceError(
+            f"fold {self.fold} diverged: {what}. Nothing of this epoch was saved; last good "
+            f"checkpoint: {kept}. Fix: {', '.join(fixes[:-1])} or {fixes[-1]}; a changed config "
+            f"is a new run, so rerun with a new name (name=...) or delete {self.fold_dir.parent}."
+        )
 
     def fit(self, train_loader, val_loader, val_targets: np.ndarray) -> FoldResult:
         epochs = self.config.optim.epochs
@@ -248,8 +320,14 @@ class FoldTrainer:
                 channels_last=self.channels_last,
                 desc="validate",
             )
+            finite = np.isfinite(probs).all(axis=1)
+            if not finite.all():
+                raise self._diverged(
+                    f"validation produced non-finite probabilities at epoch {epoch + 1} "
+                    f"({int((~finite).sum())} of {len(probs)} images; the model outputs nan or inf)"
+                )
             score = self.metric(val_targets, probs)
-            val_loss = METRICS["log_loss"](val_targets, probs)
+            val_loss = log_loss(val_targets, probs)
             improved = self.metric.better(score, best)
             if improved:
                 best, best_epoch = score, epoch
@@ -271,7 +349,7 @@ class FoldTrainer:
             self._save_last(scheduler, epoch, best, best_epoch, history)
             self.log(
                 f"fold {self.fold} epoch {epoch + 1}/{epochs}  loss {train_loss:.4f}  "
-                f"val_loss {val_loss:.4f}  val_{self.metric.name} {score:.4f}"
+                f"val_loss {val_loss:.4f}  val_{self.metric.name} {score:.4f} (no TTA)"
                 f"{'  *' if improved else ''}  {row['train_images_per_s']:.0f} img/s"
             )
             if self.on_epoch_end is not None:
@@ -283,5 +361,16 @@ class FoldTrainer:
     def load_best(self) -> torch.nn.Module:
         """The evaluation model with the best epoch's weights."""
         model = self._eval_model()
-        model.load_state_dict(load_torch(self.fold_dir / "best.pt", self.device)["model"])
+        path = self.fold_dir / "best.pt"
+        label = f"{self.fold_dir.name}/best.pt"
+        # best.pt alone cannot be remade: a finished last.pt would skip training
+        fix = (
+            f"delete the fold's folder to retrain fold {self.fold} from scratch: "
+            f"rm -r {self.fold_dir}"
+        )
+        state = load_checkpoint(path, label, fix, map_location=self.device)
+        try:
+            model.load_state_dict(state["model"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise _mismatch(label, exc, fix) from exc
         return model

@@ -13,6 +13,16 @@ class DataError(CompetitionError):
     """A data file, row or image is missing or malformed."""
 
 
+class DamagedFileError(DataError):
+    """A file the template wrote earlier (a checkpoint) is truncated, corrupt or does not fit the
+    model; the message names it and the command that lets a rerun make it again."""
+
+
+class DivergenceError(CompetitionError):
+    """Training diverged: a non-finite loss or non-finite validation probabilities. The message
+    names the fold, epoch and step, the last good checkpoint and the settings to change."""
+
+
 class PluginError(CompetitionError):
     """A plugin failed to load, or a component name is unknown."""
 

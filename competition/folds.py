@@ -26,7 +26,7 @@ def folds_path(name: str, config: FoldsConfig, folds_dir: Path = FOLDS_DIR) -> P
 
 
 def assign_folds(train: pd.DataFrame, config: FoldsConfig) -> np.ndarray:
-    """A fold index per row of ``train`` (columns target[, group])."""
+    """A fold index per row of ``train`` (columns target[, label, group])."""
     k = config.k
     if k < 2:
         raise ConfigError(f"folds.k: need at least 2 folds, got {k}")
@@ -38,12 +38,15 @@ def assign_folds(train: pd.DataFrame, config: FoldsConfig) -> np.ndarray:
             f"folds.method={config.method} needs a group column: set competition.group_column"
         )
     y = train["target"].to_numpy()
-    if config.method != "group":
-        smallest = np.bincount(y).min()
-        if smallest < k and config.method == "stratified":
+    if config.method == "stratified":
+        counts = train.groupby("label" if "label" in train else "target", sort=True).size()
+        small = counts[counts < k]
+        if len(small):
+            named = ", ".join(f"'{label}' ({n})" for label, n in small.items())
             raise DataError(
-                f"a class has {smallest} image(s), fewer than folds.k={k}: stratified folds would "
-                "leave it out of some validation folds. Lower folds.k or add images."
+                f"class(es) with fewer images than folds.k={k}: {named}. Stratified folds would "
+                "leave them out of some validation folds. Lower folds.k, add images, or merge "
+                "or drop these classes."
             )
     if config.method == "stratified":
         splitter = StratifiedKFold(k, shuffle=True, random_state=config.seed)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
-from tqdm.auto import tqdm
 
 from competition.errors import DataError
 from competition.io import atomic_path
+from competition.progress import progress
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -97,6 +97,12 @@ def cache_key(paths: list[Path], side: int, mode: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def cache_path(paths: list[Path], side: int, cache_dir: Path, mode: str, desc: str) -> Path:
+    """Where :func:`cached_images` keeps the cache of ``paths`` (it may not exist yet)."""
+    paths = [Path(p) for p in paths]
+    return Path(cache_dir) / f"{desc}-{side}px-{mode}-{cache_key(paths, side, mode)}.npy"
+
+
 def _decode_args(args):
     return decode(*args)
 
@@ -112,7 +118,7 @@ def cached_images(
     """The uint8 images (N, side, side, 3) of ``paths`` as :class:`MappedImages`, built once."""
     paths = [Path(p) for p in paths]
     cache_dir = Path(cache_dir)
-    target = cache_dir / f"{desc}-{side}px-{mode}-{cache_key(paths, side, mode)}.npy"
+    target = cache_path(paths, side, cache_dir, mode, desc)
     if target.is_file():
         return MappedImages(target)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -121,7 +127,7 @@ def cached_images(
             tmp, mode="w+", dtype=np.uint8, shape=(len(paths), side, side, 3)
         )
         jobs = [(p, side, mode) for p in paths]
-        bar = tqdm(total=len(paths), desc=f"decoding {desc} images", unit="img", leave=False)
+        bar = progress(total=len(paths), desc=f"decoding {desc} images", unit="img")
         if workers > 1 and len(paths) > 64:
             with ProcessPoolExecutor(workers) as pool:
                 for i, image in enumerate(pool.map(_decode_args, jobs, chunksize=16)):

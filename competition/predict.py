@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from competition.config import TransformSpec
 from competition.device import autocast, to_device
 from competition.manager import resolve
+from competition.progress import progress
 
 
 def tta_views(specs: list[TransformSpec], pm=None) -> list:
@@ -32,7 +32,7 @@ def predict_probs(
     model.eval()
     views = views or [lambda x: x]
     chunks = []
-    for images, _ in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for images, _ in progress(loader, desc=desc, unit="batch"):
         images = to_device(images, device, channels_last)
         probs = None
         for view in views:

@@ -15,14 +15,13 @@ import json
 import warnings
 from pathlib import Path
 
-import yaml
-
-from competition.config import Config, replace
-from competition.cv import RUNS_DIR, Run
-from competition.errors import ConfigError
-from competition.io import write_json, write_text
+from competition.config import Config, dump_yaml, replace
+from competition.cv import run_cv
+from competition.errors import ConfigError, DivergenceError
+from competition.io import write_text
 from competition.manager import get_plugin_manager
 from competition.metrics import get_metric
+from competition.runs import RUNS_DIR
 
 
 def suggest_config(trial, config: Config, pm=None) -> Config:
@@ -81,26 +80,25 @@ def tune(config: Config, trials: int | None = None, runs_dir: Path = RUNS_DIR, *
         trial_config = suggest_config(trial, config)
         trial_config = replace(trial_config, {"name": _trial_name(config, trial.params)})
         trial.set_user_attr("run_dir", str(Path(runs_dir) / trial_config.name))
-        run = Run(trial_config, runs_dir=runs_dir, **paths)
-        run.prepare_run_dir()
         scores = []
-        for fold in range(trial_config.folds.k):
-            if not run.fold_done(fold):
-                run.train_fold(fold)
-            scores.append(run.fold_score(fold))
+
+        def report(fold: int, record) -> None:  # the running CV mean after each fold
+            scores.append(record.fold_score(fold))
             trial.report(sum(scores) / len(scores), step=fold)
             if trial.should_prune():
                 raise optuna.TrialPruned()
-        cv = run.summarise()
-        write_json(run.run_dir / "cv.json", cv)
-        return cv["mean"]
+
+        return run_cv(trial_config, after_fold=report, runs_dir=runs_dir, **paths)["mean"]
 
     done = sum(t.state.is_finished() for t in study.trials)
     remaining = max(0, (trials or config.tune.trials) - done)
-    study.optimize(objective, n_trials=remaining, timeout=config.tune.timeout_s)
+    # a diverging recipe is a failed trial, not the end of the study
+    study.optimize(
+        objective, n_trials=remaining, timeout=config.tune.timeout_s, catch=(DivergenceError,)
+    )
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if finished:
         best = suggest_config(optuna.trial.FixedTrial(study.best_params), config)
         path = Path(runs_dir) / f"{config.name}-best.yaml"
-        write_text(path, yaml.safe_dump(best.to_dict(), sort_keys=False))
+        write_text(path, dump_yaml(best.to_dict()))
     return study

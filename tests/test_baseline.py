@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,9 +23,10 @@ from competition.baseline import (
 )
 from competition.cli import main
 from competition.config import REPO_ROOT, load_config
-from competition.cv import Run
 from competition.errors import ConfigError
-from tests.conftest import HYMENOPTERA, tiny_overrides, trashnet_config
+from competition.runs import RunRecord
+from competition.workspace import Workspace
+from tests.conftest import tiny_overrides, trashnet_config
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +38,12 @@ def digits():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_writes_the_outputs_of_a_training_run(
-    method, trashnet_small, tmp_path, run_paths
+    method, kaggle_small, tmp_path, run_paths
 ):
-    config = trashnet_config(trashnet_small, tmp_path)
+    config = trashnet_config(kaggle_small, tmp_path)
     cv = run_baseline(config, BaselineOptions(method=method, k=3), log=lambda *a: None, **run_paths)
-    run_dir = run_paths["runs_dir"] / f"t-{method}"
+    run_dir = Path(cv["run"])
+    assert run_dir == run_paths["runs_dir"] / {"knn": "t-knn-k3"}.get(method, f"t-{method}")
     for fold in range(2):
         for name in ("oof.csv", "test_probs.npy", "result.json"):
             assert (run_dir / f"fold_{fold}" / name).is_file()
@@ -50,17 +52,17 @@ def test_each_method_writes_the_outputs_of_a_training_run(
         np.testing.assert_allclose(test_probs.sum(1), 1.0)
     oof = pd.read_csv(run_dir / "oof.csv")
     assert len(oof) == 48 and sorted(oof["fold"].unique()) == [0, 1]
-    np.testing.assert_allclose(oof.iloc[:, 3:].sum(axis=1), 1.0)
+    np.testing.assert_allclose(oof.iloc[:, 4:].sum(axis=1), 1.0)
     saved = json.loads((run_dir / "cv.json").read_text())
     assert saved["k"] == 2 and len(saved["folds"]) == 2 and 0 <= saved["oof"] <= 1
-    assert saved["baseline"]["method"] == method
+    assert RunRecord.open(run_dir).produced_by["baseline"]["method"] == method
     assert (run_dir / "report.md").is_file()
     submission = pd.read_csv(cv["submission"])
-    assert len(submission) == 12 and set(submission["label"]) <= set(oof.columns[3:])
+    assert len(submission) == 12 and set(submission["label"]) <= set(oof.columns[4:])
 
 
-def test_embeddings_are_cached_and_reused(trashnet_small, tmp_path, run_paths):
-    config = trashnet_config(trashnet_small, tmp_path)
+def test_embeddings_are_cached_and_reused(kaggle_small, tmp_path, run_paths):
+    config = trashnet_config(kaggle_small, tmp_path)
     quiet = lambda *a: None  # noqa: E731
     first = run_baseline(config, BaselineOptions(method="ncm"), log=quiet, **run_paths)
     assert sorted(first["embeddings"]["computed"]) == ["test/identity", "train/identity"]
@@ -71,7 +73,7 @@ def test_embeddings_are_cached_and_reused(trashnet_small, tmp_path, run_paths):
     second = run_baseline(config, BaselineOptions(method="knn"), log=quiet, **run_paths)
     assert second["embeddings"]["computed"] == []
     assert [f.stat().st_mtime_ns for f in files] == mtimes
-    store = EmbeddingStore(Run(config, log=quiet, **run_paths), quiet)
+    store = EmbeddingStore(Workspace(config, run_paths["folds_dir"], quiet), quiet)
     assert store.get("train").shape[0] == 48
     assert store.model is None, "a cached embedding must not build (or run) the model"
 
@@ -79,9 +81,11 @@ def test_embeddings_are_cached_and_reused(trashnet_small, tmp_path, run_paths):
         config, BaselineOptions(method="knn", hflip=True), log=quiet, **run_paths
     )
     assert sorted(flipped["embeddings"]["computed"]) == ["test/hflip", "train/hflip"]
-    other_size = trashnet_config(trashnet_small, tmp_path, "data.image_size=40")
+    other_size = trashnet_config(kaggle_small, tmp_path, "data.image_size=40")
     assert (
-        EmbeddingStore(Run(other_size, log=quiet, **run_paths), quiet).path("train", "identity")
+        EmbeddingStore(Workspace(other_size, run_paths["folds_dir"], quiet), quiet).path(
+            "train", "identity"
+        )
         not in files
     )
 
@@ -134,18 +138,11 @@ def test_unknown_method_or_norm_is_a_clear_error(capsys):
     assert "Did you mean knn" in capsys.readouterr().err
 
 
-def test_holdout_is_scored_as_lb(tmp_path, run_paths):
+def test_holdout_is_scored_as_lb(folders_small, tmp_path, run_paths):
     """Class folders with a labelled val/ (hymenoptera): fold-mean LB and LB fitted on all train."""
-    root = tmp_path / "hymenoptera"
-    for split, n in (("train", 6), ("val", 4)):
-        for label in ("ants", "bees"):
-            folder = root / split / label
-            folder.mkdir(parents=True)
-            for path in sorted((HYMENOPTERA / split / label).glob("*.jpg"))[:n]:
-                shutil.copy(path, folder)
     config = load_config(
         REPO_ROOT / "configs" / "hymenoptera.yaml",
-        [f"competition.root={root}", "folds.k=2", "name=h", *tiny_overrides(tmp_path)],
+        [f"competition.root={folders_small}", "folds.k=2", "name=h", *tiny_overrides(tmp_path)],
     )
     cv = run_baseline(config, BaselineOptions(method="linear"), log=lambda *a: None, **run_paths)
     assert 0 <= cv["lb"] <= 1 and 0 <= cv["lb_full"] <= 1

@@ -23,10 +23,10 @@ def test_fit_weights_prefers_the_better_model():
     assert weights[1] > 0.9
 
 
-def test_blend_of_two_runs(trashnet_small, tmp_path, run_paths):
-    run_cv(trashnet_config(trashnet_small, tmp_path, "name=a"), **run_paths)
+def test_blend_of_two_runs(kaggle_small, tmp_path, run_paths):
+    run_cv(trashnet_config(kaggle_small, tmp_path, "name=a"), **run_paths)
     run_cv(
-        trashnet_config(trashnet_small, tmp_path, "name=b", "model.backbone=test_resnet"),
+        trashnet_config(kaggle_small, tmp_path, "name=b", "model.backbone=test_resnet"),
         **run_paths,
     )
     runs = run_paths["runs_dir"]
@@ -36,22 +36,22 @@ def test_blend_of_two_runs(trashnet_small, tmp_path, run_paths):
     assert len(cv["weights"]) == 2 and sum(cv["weights"]) == pytest.approx(1.0)
     assert json.loads((runs / "ab" / "cv.json").read_text())["mean"] == cv["mean"]
     oof = pd.read_csv(runs / "ab" / "oof.csv")
-    assert np.allclose(oof.iloc[:, 3:].sum(axis=1), 1.0, atol=1e-6)
-    sample = pd.read_csv(trashnet_small / "sample_submission.csv", dtype=str)
+    assert np.allclose(oof.iloc[:, 4:].sum(axis=1), 1.0, atol=1e-6)
+    sample = pd.read_csv(kaggle_small / "sample_submission.csv", dtype=str)
     submission = pd.read_csv(cv["submission"], dtype=str)
     assert submission["image_id"].tolist() == sample["image_id"].tolist()
 
     # runs made on other folds cannot be blended honestly
-    run_cv(trashnet_config(trashnet_small, tmp_path, "name=c", "folds.seed=7"), **run_paths)
+    run_cv(trashnet_config(kaggle_small, tmp_path, "name=c", "folds.seed=7"), **run_paths)
     with pytest.raises(ConfigError, match="folds differ"):
         blend([runs / "a", runs / "c"], "ac", runs_dir=runs)
     with pytest.raises(ConfigError, match="at least two"):
         blend([runs / "a"], "a_only", runs_dir=runs)
 
 
-def test_a_blend_never_overwrites_a_training_run(trashnet_small, tmp_path, run_paths):
-    run_cv(trashnet_config(trashnet_small, tmp_path, "name=a"), **run_paths)
-    run_cv(trashnet_config(trashnet_small, tmp_path, "name=b"), **run_paths)
+def test_a_blend_never_overwrites_a_training_run(kaggle_small, tmp_path, run_paths):
+    run_cv(trashnet_config(kaggle_small, tmp_path, "name=a"), **run_paths)
+    run_cv(trashnet_config(kaggle_small, tmp_path, "name=b"), **run_paths)
     runs = run_paths["runs_dir"]
     with pytest.raises(ConfigError, match="is a training run"):
         blend([runs / "a", runs / "b"], "a", runs_dir=runs)

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -9,23 +10,26 @@ import pytest
 import torch
 
 from competition import hookimpl
-from competition.cv import Run, predict_run, run_cv
+from competition.cv import predict_run, run_cv
 from competition.errors import ConfigError, DataError
 from competition.manager import get_plugin_manager
+from competition.runs import RunRecord
 from competition.submission import validate_submission
-from tests.conftest import trashnet_config
+from competition.workspace import Workspace
+from tests.conftest import KAGGLE_SMALL_CLASSES, trashnet_config
 
 
-def test_end_to_end_run_writes_oof_cv_and_a_valid_submission(trashnet_small, tmp_path, run_paths):
-    config = trashnet_config(trashnet_small, tmp_path, "tta=[identity, hflip]")
+def test_end_to_end_run_writes_oof_cv_and_a_valid_submission(kaggle_small, tmp_path, run_paths):
+    config = trashnet_config(kaggle_small, tmp_path, "tta=[identity, hflip]")
     cv = run_cv(config, **run_paths)
     run_dir = run_paths["runs_dir"] / "t"
-    classes = ["cardboard", "glass", "metal", "paper", "plastic", "trash"]
+    classes = KAGGLE_SMALL_CLASSES
 
     oof = pd.read_csv(run_dir / "oof.csv", dtype={"id": str})
-    assert list(oof.columns) == ["id", "fold", "target", *classes]
+    assert list(oof.columns) == ["id", "fold", "target", "target_index", *classes]
+    assert (np.asarray(classes)[oof["target_index"]] == oof["target"]).all()
     assert sorted(oof["id"]) == sorted(
-        pd.read_csv(trashnet_small / "train.csv", dtype=str)["image_id"]
+        pd.read_csv(kaggle_small / "train.csv", dtype=str)["image_id"]
     )
     assert np.allclose(oof[classes].sum(axis=1), 1.0, atol=1e-5)
 
@@ -35,7 +39,7 @@ def test_end_to_end_run_writes_oof_cv_and_a_valid_submission(trashnet_small, tmp
     assert saved["std"] == pytest.approx(np.std(saved["folds"]))
     assert 0.0 <= saved["mean"] <= 1.0 and cv["mean"] == saved["mean"]
 
-    sample = pd.read_csv(trashnet_small / "sample_submission.csv", dtype=str)
+    sample = pd.read_csv(kaggle_small / "sample_submission.csv", dtype=str)
     submission = pd.read_csv(run_paths["submissions_dir"] / "t.csv", dtype=str)
     assert list(submission.columns) == list(sample.columns)
     assert submission["image_id"].tolist() == sample["image_id"].tolist()
@@ -59,16 +63,16 @@ def test_end_to_end_run_writes_oof_cv_and_a_valid_submission(trashnet_small, tmp
     assert again["folds"] == cv["folds"]
 
 
-def test_fold_scores_agree_with_the_oof_table(trashnet_small, tmp_path, run_paths):
-    config = trashnet_config(trashnet_small, tmp_path, "metric=macro_f1")
+def test_fold_scores_agree_with_the_oof_table(kaggle_small, tmp_path, run_paths):
+    config = trashnet_config(kaggle_small, tmp_path, "metric=macro_f1")
     cv = run_cv(config, folds=[1], **run_paths)
     oof = pd.read_csv(run_paths["runs_dir"] / "t" / "oof.csv")
     assert cv["folds_done"] == [1] and set(oof["fold"]) == {1}
     from sklearn.metrics import f1_score
 
-    classes = [c for c in oof.columns if c not in ("id", "fold", "target")]
+    classes = [c for c in oof.columns if c not in ("id", "fold", "target", "target_index")]
     expected = f1_score(
-        oof["target"], oof[classes].to_numpy().argmax(1), average="macro", labels=range(6)
+        oof["target"], np.asarray(classes)[oof[classes].to_numpy().argmax(1)], average="macro"
     )
     assert cv["folds"][0] == pytest.approx(expected)
 
@@ -91,9 +95,9 @@ class _EpochCounter:
         self.epochs.append(epoch)
 
 
-def test_a_killed_run_resumes_and_matches_an_uninterrupted_one(trashnet_small, tmp_path, run_paths):
+def test_a_killed_run_resumes_and_matches_an_uninterrupted_one(kaggle_small, tmp_path, run_paths):
     extra = ("optim.epochs=2", "augment.batch=[{name: mixup, alpha: 0.4}]")
-    config = trashnet_config(trashnet_small, tmp_path, *extra)
+    config = trashnet_config(kaggle_small, tmp_path, *extra)
     reference = run_cv(config, folds=[0], **run_paths)
 
     other = {k: v.parent / (v.name + "_b") for k, v in run_paths.items()}
@@ -120,35 +124,60 @@ def test_a_killed_run_resumes_and_matches_an_uninterrupted_one(trashnet_small, t
     assert resumed["folds"] == pytest.approx(reference["folds"])
     a = pd.read_csv(run_paths["runs_dir"] / "t" / "oof.csv")
     b = pd.read_csv(other["runs_dir"] / "t" / "oof.csv")
-    np.testing.assert_allclose(a.iloc[:, 3:].to_numpy(), b.iloc[:, 3:].to_numpy(), atol=1e-5)
+    np.testing.assert_allclose(a.iloc[:, 4:].to_numpy(), b.iloc[:, 4:].to_numpy(), atol=1e-5)
 
 
-def test_a_changed_config_never_mixes_into_an_existing_run(trashnet_small, tmp_path, run_paths):
-    run_cv(trashnet_config(trashnet_small, tmp_path), folds=[0], **run_paths)
+def test_a_changed_config_never_mixes_into_an_existing_run(kaggle_small, tmp_path, run_paths):
+    run_cv(trashnet_config(kaggle_small, tmp_path), folds=[0], **run_paths)
     with pytest.raises(ConfigError, match="holds a run with another config"):
-        run_cv(trashnet_config(trashnet_small, tmp_path, "optim.lr=0.1"), folds=[0], **run_paths)
+        run_cv(trashnet_config(kaggle_small, tmp_path, "optim.lr=0.1"), folds=[0], **run_paths)
 
 
-def test_predict_again_with_other_tta(trashnet_small, tmp_path, run_paths):
-    run_cv(trashnet_config(trashnet_small, tmp_path), **run_paths)
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_predict_with_other_tta_writes_a_new_run_and_leaves_the_source_alone(
+    kaggle_small, tmp_path, run_paths
+):
+    source = run_cv(trashnet_config(kaggle_small, tmp_path), **run_paths)
     run_dir = run_paths["runs_dir"] / "t"
-    before = np.load(run_dir / "fold_0" / "test_probs.npy")
+    before = _snapshot(run_dir)
+    submission_before = (run_paths["submissions_dir"] / "t.csv").read_bytes()
     cv = predict_run(
         run_dir,
         {"tta": ["identity", "hflip", "vflip"]},
         folds_dir=run_paths["folds_dir"],
         submissions_dir=run_paths["submissions_dir"],
     )
-    after = np.load(run_dir / "fold_0" / "test_probs.npy")
-    assert after.shape == before.shape and not np.allclose(after, before)
-    assert "submission" in cv
+    assert _snapshot(run_dir) == before  # the source run is never changed
+    assert (run_paths["submissions_dir"] / "t.csv").read_bytes() == submission_before
+    new = Path(cv["submission"]).stem
+    assert new.startswith("t-tta-") and (run_paths["runs_dir"] / new / "cv.json").is_file()
+    record = RunRecord.open(run_paths["runs_dir"] / new)
+    assert [s.name for s in record.config.tta] == ["identity", "hflip", "vflip"]
+    assert record.produced_by["verb"] == "predict"
+    assert record.weights_run().path.resolve() == run_dir.resolve()
+    assert not (run_paths["runs_dir"] / new / "fold_0" / "best.pt").exists()  # points, no copy
+    after = np.load(run_paths["runs_dir"] / new / "fold_0" / "test_probs.npy")
+    assert not np.allclose(after, np.load(run_dir / "fold_0" / "test_probs.npy"))
+    # both choices keep their own OOF score, side by side
+    assert cv["folds_done"] == source["folds_done"] and cv["oof"] != pytest.approx(-1)
+
+    # a re-predicted run re-predicts from the original weights; changing the model is refused
+    again = predict_run(
+        run_paths["runs_dir"] / new, {"tta": ["identity"]}, name="t-again", **run_paths
+    )
+    assert again["oof"] == pytest.approx(source["oof"])
+    with pytest.raises(ConfigError, match=r"model\.backbone cannot change"):
+        predict_run(run_dir, {"model.backbone": "test_resnet"}, **run_paths)
 
 
-def test_submission_validation_catches_a_broken_frame(trashnet_small, tmp_path, run_paths):
-    config = trashnet_config(trashnet_small, tmp_path)
-    run = Run(config, **run_paths)
+def test_submission_validation_catches_a_broken_frame(kaggle_small, tmp_path, run_paths):
+    config = trashnet_config(kaggle_small, tmp_path)
+    run = Workspace(config, run_paths["folds_dir"])
     sample = run.competition.sample_submission
-    good = sample.assign(label="glass")
+    good = sample.assign(label="digit_1")
     validate_submission(good, run.competition, config)
     with pytest.raises(DataError, match="not the sample submission's ids"):
         validate_submission(good.iloc[::-1].reset_index(drop=True), run.competition, config)
@@ -159,36 +188,36 @@ def test_submission_validation_catches_a_broken_frame(trashnet_small, tmp_path, 
 
 
 def test_pipeline_without_a_sizing_transform_is_rejected_at_setup(
-    trashnet_small, tmp_path, run_paths
+    kaggle_small, tmp_path, run_paths
 ):
     from competition.errors import PluginError
 
-    config = trashnet_config(trashnet_small, tmp_path, "augment.train=[HorizontalFlip]")
+    config = trashnet_config(kaggle_small, tmp_path, "augment.train=[HorizontalFlip]")
     with pytest.raises(PluginError, match=r"augment|HorizontalFlip"):
         run_cv(config, **run_paths)
 
 
-def test_out_of_range_fold_is_a_clear_error(trashnet_small, tmp_path, run_paths):
+def test_out_of_range_fold_is_a_clear_error(kaggle_small, tmp_path, run_paths):
     with pytest.raises(ConfigError, match=r"--folds: fold\(s\) \[7\] out of range"):
-        run_cv(trashnet_config(trashnet_small, tmp_path), folds=[7], **run_paths)
+        run_cv(trashnet_config(kaggle_small, tmp_path), folds=[7], **run_paths)
 
 
-def test_fixres_evaluates_at_a_larger_size_than_training(trashnet_small, tmp_path, run_paths):
+def test_fixres_evaluates_at_a_larger_size_than_training(kaggle_small, tmp_path, run_paths):
     """Train and test resolution are separate settings (FixRes, Touvron et al. 2019)."""
-    config = trashnet_config(trashnet_small, tmp_path, "data.eval_image_size=48")
-    run = Run(config, **run_paths)
+    config = trashnet_config(kaggle_small, tmp_path, "data.eval_image_size=48")
+    run = Workspace(config, run_paths["folds_dir"])
     assert run.cache_side == round(48 / config.data.crop_pct)
     train_images, _ = next(iter(run.loader("train", np.arange(8), train=True)))
     eval_images, _ = next(iter(run.loader("train", np.arange(8))))
     assert train_images.shape[-2:] == (32, 32) and eval_images.shape[-2:] == (48, 48)
     assert train_images.dtype == torch.uint8  # uint8 until the device
-    cv = run.run([0])
+    cv = run_cv(config, folds=[0], **run_paths)
     assert 0.0 <= cv["mean"] <= 1.0
 
 
-def test_ema_weights_are_what_gets_evaluated(trashnet_small, tmp_path, run_paths):
+def test_ema_weights_are_what_gets_evaluated(kaggle_small, tmp_path, run_paths):
     """With optim.ema_decay the best checkpoint holds the averaged weights, not the raw ones."""
-    config = trashnet_config(trashnet_small, tmp_path, "optim.ema_decay=0.5")
+    config = trashnet_config(kaggle_small, tmp_path, "optim.ema_decay=0.5")
     run_cv(config, folds=[0], **run_paths)
     fold_dir = run_paths["runs_dir"] / "t" / "fold_0"
     best = torch.load(fold_dir / "best.pt", weights_only=True)["model"]
@@ -221,14 +250,14 @@ class _RecordingAugments:
 
 
 def test_batch_augments_run_in_config_order_and_mixing_stops_for_the_last_epochs(
-    trashnet_small, tmp_path, run_paths
+    kaggle_small, tmp_path, run_paths
 ):
     recorder = _RecordingAugments()
     pm = get_plugin_manager()
     pm.register(recorder, name="recording_augments")
     try:
         config = trashnet_config(
-            trashnet_small,
+            kaggle_small,
             tmp_path,
             "optim.epochs=2",
             "augment.mix_off_last_epochs=1",
@@ -245,10 +274,10 @@ def test_batch_augments_run_in_config_order_and_mixing_stops_for_the_last_epochs
     assert recorder.calls[2 * per_epoch :] == ["policy"] * per_epoch
 
 
-def test_a_changed_train_table_is_refused_by_an_existing_run(trashnet_small, tmp_path, run_paths):
+def test_a_changed_train_table_is_refused_by_an_existing_run(kaggle_small, tmp_path, run_paths):
     """Folds made for another train table must never mix into one run's OOF."""
     root = tmp_path / "comp"
-    shutil.copytree(trashnet_small, root)
+    shutil.copytree(kaggle_small, root)
     run_cv(trashnet_config(root, tmp_path), folds=[0], **run_paths)
     train = pd.read_csv(root / "train.csv", dtype=str)
     train.iloc[1:].to_csv(root / "train.csv", index=False)
@@ -256,8 +285,8 @@ def test_a_changed_train_table_is_refused_by_an_existing_run(trashnet_small, tmp
         run_cv(trashnet_config(root, tmp_path), folds=[1], **run_paths)
 
 
-def test_an_unavailable_device_is_a_config_error(trashnet_small, tmp_path, run_paths):
+def test_an_unavailable_device_is_a_config_error(kaggle_small, tmp_path, run_paths):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(ConfigError, match=r"device=cuda: 0 CUDA device"):
-        run_cv(trashnet_config(trashnet_small, tmp_path, "device=cuda"), **run_paths)
+        run_cv(trashnet_config(kaggle_small, tmp_path, "device=cuda"), **run_paths)

@@ -20,8 +20,8 @@ def test_builtin_space_opens_only_the_named_dimensions():
         suggest_config(trial, load_config(None, ["tune.params=[optim.momentum_x]"]))
 
 
-def test_study_runs_reports_per_fold_and_resumes_from_storage(trashnet_small, tmp_path, run_paths):
-    config = trashnet_config(trashnet_small, tmp_path, "tune.params=[optim.lr]", "name=study")
+def test_study_runs_reports_per_fold_and_resumes_from_storage(kaggle_small, tmp_path, run_paths):
+    config = trashnet_config(kaggle_small, tmp_path, "tune.params=[optim.lr]", "name=study")
     runs_dir = run_paths.pop("runs_dir")
     study = tune(config, trials=1, runs_dir=runs_dir, **run_paths)
     assert len(study.trials) == 1
