@@ -1,4 +1,4 @@
-"""Reading competitions: both layouts on the shared data, image decoding, the cache, bad input."""
+"""Reading competitions: both layouts, decoding, the cache, bad input; the shared data sets."""
 
 import shutil
 
@@ -11,9 +11,50 @@ from competition.config import REPO_ROOT, load_config
 from competition.data import read_competition
 from competition.errors import DataError
 from competition.images import cached_images, decode
-from tests.conftest import CUB50, HYMENOPTERA, TRASHNET
+from tests.conftest import (
+    CUB50,
+    FOLDERS_SMALL_CLASSES,
+    HYMENOPTERA,
+    KAGGLE_SMALL_CLASSES,
+    photo,
+    placeholder_gif,
+)
 
 
+def test_kaggle_layout(kaggle_small):
+    competition = read_competition(_config(kaggle_small))
+    assert competition.classes == KAGGLE_SMALL_CLASSES
+    assert len(competition.train) == 48 and len(competition.test) == 12
+    assert competition.holdout is None
+    assert list(competition.class_counts) == [8] * 6
+    assert competition.train["id"].iloc[0] == "t0000"
+    assert competition.train["path"].iloc[0] == (kaggle_small / "train" / "t0000.jpg").resolve()
+    assert competition.train["target"].tolist() == [
+        competition.classes.index(label) for label in competition.train["label"]
+    ]
+
+
+def test_kaggle_layout_without_test(kaggle_small):
+    config = _config(
+        kaggle_small, "competition.test_images=null", "competition.sample_submission=null"
+    )
+    competition = read_competition(config)
+    assert len(competition.train) == 48 and competition.test is None
+    assert competition.train["path"].iloc[0].parent == (kaggle_small / "train").resolve()
+
+
+def test_folder_layout_with_holdout(folders_small):
+    config = load_config(
+        REPO_ROOT / "configs" / "hymenoptera.yaml", [f"competition.root={folders_small}"]
+    )
+    competition = read_competition(config)
+    assert competition.classes == FOLDERS_SMALL_CLASSES
+    assert len(competition.train) == 13 and len(competition.holdout) == 8
+    assert "digit_0/imageNotFound.gif" in set(competition.train["id"])  # listed, not dropped
+    assert competition.holdout["label"].value_counts().tolist() == [4, 4]
+
+
+@pytest.mark.shared_data
 def test_kaggle_layout_trashnet():
     competition = read_competition(load_config(REPO_ROOT / "configs" / "trashnet.yaml"))
     assert competition.classes == ["cardboard", "glass", "metal", "paper", "plastic", "trash"]
@@ -23,6 +64,7 @@ def test_kaggle_layout_trashnet():
     assert counts["paper"] > 3 * counts["trash"]  # the natural imbalance the README describes
 
 
+@pytest.mark.shared_data
 def test_kaggle_layout_without_test_cub50():
     competition = read_competition(load_config(REPO_ROOT / "configs" / "cub50.yaml"))
     assert len(competition.classes) == 50 and len(competition.train) == 2952
@@ -30,6 +72,7 @@ def test_kaggle_layout_without_test_cub50():
     assert competition.train["path"].iloc[0].parent == (CUB50 / "images").resolve()
 
 
+@pytest.mark.shared_data
 def test_folder_layout_hymenoptera_with_holdout():
     competition = read_competition(load_config(REPO_ROOT / "configs" / "hymenoptera.yaml"))
     assert competition.classes == ["ants", "bees"]
@@ -37,15 +80,29 @@ def test_folder_layout_hymenoptera_with_holdout():
     assert "ants/imageNotFound.gif" in set(competition.train["id"])
 
 
-def test_gif_placeholder_and_odd_modes_decode_to_rgb(tmp_path):
+@pytest.mark.shared_data
+def test_hymenoptera_gif_placeholder_decodes_to_rgb():
     gif = decode(HYMENOPTERA / "train" / "ants" / "imageNotFound.gif", 40)
     assert gif.shape == (40, 40, 3) and gif.dtype == np.uint8
-    photo = np.asarray(Image.open(TRASHNET / "train" / "t0000.jpg"))
+
+
+def test_gif_placeholder_decodes_its_first_frame_to_rgb(tmp_path):
+    path = placeholder_gif(tmp_path / "imageNotFound.gif")
+    with Image.open(path) as image:
+        assert image.mode == "P" and image.n_frames == 2 and "transparency" in image.info
+    gif = decode(path, 40)
+    assert gif.shape == (40, 40, 3) and gif.dtype == np.uint8
+    # the transparent background becomes white, the drawn text and frame stay darker
+    assert gif.max() == 255 and gif.min() < 160
+
+
+def test_odd_modes_decode_to_rgb(tmp_path):
+    rgb = np.asarray(photo("chelsea"))
     modes = {
-        "L": Image.fromarray(photo[..., 0]),
-        "P": Image.fromarray(photo).convert("P"),
-        "RGBA": Image.fromarray(photo).convert("RGBA"),
-        "I;16": Image.fromarray(photo[..., 0].astype(np.uint16) * 257),
+        "L": Image.fromarray(rgb[..., 0]),
+        "P": Image.fromarray(rgb).convert("P"),
+        "RGBA": Image.fromarray(rgb).convert("RGBA"),
+        "I;16": Image.fromarray(rgb[..., 0].astype(np.uint16) * 257),
     }
     for mode, image in modes.items():
         path = tmp_path / f"img_{mode.replace(';', '')}.png"
@@ -56,18 +113,32 @@ def test_gif_placeholder_and_odd_modes_decode_to_rgb(tmp_path):
         assert 20 < out.mean() < 235, mode
 
 
-def test_cache_is_reused_and_invalidated_by_a_changed_file(tmp_path):
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stored sideways with an EXIF orientation tag decodes upright."""
+    upright = photo("rocket", 64)  # landscape, 64x43
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    path = tmp_path / "sideways.jpg"
+    upright.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif, quality=95)
+    expected = np.asarray(upright.resize((32, 32), Image.BICUBIC)).astype(int)
+    out = decode(path, 32, mode="squash").astype(int)
+    ignored = np.asarray(Image.open(path).convert("RGB").resize((32, 32), Image.BICUBIC))
+    assert np.abs(out - expected).mean() < 8  # upright again
+    assert np.abs(ignored.astype(int) - expected).mean() > 3 * np.abs(out - expected).mean()
+
+
+def test_cache_is_reused_and_invalidated_by_a_changed_file(tmp_path, photo_files):
     images = tmp_path / "imgs"
     images.mkdir()
-    for name in ("t0000.jpg", "t0001.jpg"):
-        shutil.copy(TRASHNET / "train" / name, images / name)
+    for name in ("chelsea", "coffee"):
+        shutil.copy(photo_files[name], images / f"{name}.jpg")
     paths = sorted(images.iterdir())
     first = cached_images(paths, 24, tmp_path / "cache", workers=1)
     assert first.shape == (2, 24, 24, 3)
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
     cached_images(paths, 24, tmp_path / "cache", workers=1)
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 1  # reused
-    shutil.copy(TRASHNET / "train" / "t0002.jpg", paths[0])  # the file changes
+    shutil.copy(photo_files["astronaut"], paths[0])  # the file changes
     second = cached_images(paths, 24, tmp_path / "cache", workers=1)
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
     assert not np.array_equal(first[0], second[0])
@@ -79,9 +150,9 @@ def test_cache_is_reused_and_invalidated_by_a_changed_file(tmp_path):
 
 
 @pytest.fixture
-def kaggle_copy(trashnet_small, tmp_path):
+def kaggle_copy(kaggle_small, tmp_path):
     root = tmp_path / "comp"
-    shutil.copytree(trashnet_small, root)
+    shutil.copytree(kaggle_small, root)
     return root
 
 
@@ -118,16 +189,12 @@ def test_duplicate_ids(kaggle_copy):
 
 
 def test_labels_and_class_list_must_agree(kaggle_copy):
-    with pytest.raises(DataError, match=r"\['trash'\].*not in competition\.classes"):
-        read_competition(
-            _config(kaggle_copy, "competition.classes=[cardboard,glass,metal,paper,plastic]")
-        )
+    five = ",".join(KAGGLE_SMALL_CLASSES[:5])
+    with pytest.raises(DataError, match=r"\['digit_5'\].*not in competition\.classes"):
+        read_competition(_config(kaggle_copy, f"competition.classes=[{five}]"))
+    seven = ",".join([*KAGGLE_SMALL_CLASSES, "wood"])
     with pytest.raises(DataError, match=r"\['wood'\] .* never occur"):
-        read_competition(
-            _config(
-                kaggle_copy, "competition.classes=[cardboard,glass,metal,paper,plastic,trash,wood]"
-            )
-        )
+        read_competition(_config(kaggle_copy, f"competition.classes=[{seven}]"))
 
 
 def test_test_id_missing_from_sample_submission(kaggle_copy):
@@ -184,9 +251,9 @@ def test_symlinked_images_are_accepted(kaggle_copy, tmp_path):
     assert len(read_competition(_config(linked)).train) == 48
 
 
-def test_empty_test_folder_in_folder_layout(tmp_path):
+def test_empty_test_folder_in_folder_layout(folders_small, tmp_path):
     root = tmp_path / "hym"
-    shutil.copytree(HYMENOPTERA / "val", root / "train")
+    shutil.copytree(folders_small / "val", root / "train")
     (root / "test").mkdir()
     config = load_config(
         REPO_ROOT / "configs" / "hymenoptera.yaml",
@@ -196,11 +263,11 @@ def test_empty_test_folder_in_folder_layout(tmp_path):
         read_competition(config)
 
 
-def test_cache_pickles_as_its_path_not_its_pixels(tmp_path):
+def test_cache_pickles_as_its_path_not_its_pixels(kaggle_small, tmp_path):
     """Spawned DataLoader workers (macOS, Windows) get the file name, not a copy of the cache."""
     import pickle
 
-    paths = sorted((TRASHNET / "train").glob("t000*.jpg"))
+    paths = sorted((kaggle_small / "train").glob("t000*.jpg"))
     images = cached_images(paths, 64, tmp_path / "cache", workers=1)
     payload = pickle.dumps(images)
     assert len(payload) < 1_000 < images.shape[0] * 64 * 64 * 3
