@@ -74,13 +74,12 @@ class _Recorder:
         )
 
 
-@pytest.mark.shared_data
-def test_events_fire_in_order_and_a_user_model_wins(trashnet_small, tmp_path, run_paths):
+def test_events_fire_in_order_and_a_user_model_wins(kaggle_small, tmp_path, run_paths):
     recorder = _Recorder()
     pm = get_plugin_manager()
     pm.register(recorder, name="recorder")
     try:
-        run_cv(trashnet_config(trashnet_small, tmp_path), folds=[0], **run_paths)
+        run_cv(trashnet_config(kaggle_small, tmp_path), folds=[0], **run_paths)
     finally:
         pm.unregister(recorder)
     kinds = [event[0] for event in recorder.events]
