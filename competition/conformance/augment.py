@@ -180,18 +180,41 @@ def check_tta_view(
     batch: int = 4,
     size: int = 32,
 ):
-    """A TTA view: batch and channels, dtype and device kept, in [0, 1], deterministic."""
+    """A TTA view: batch and channels, dtype and device kept, in [0, 1], deterministic, input
+    untouched; the size may change (models pool globally). A group factory (``d4``, ``ten_crop``)
+    returns a non-empty list of views, each checked, and no two of them equal in output.
+
+    Returns the view's output, or the list of the group's outputs.
+    """
     params = dict(params or {})
-    view = factory(**params)
-    assert callable(view), f"factory returned {view!r}, which is not callable"
+    built = factory(**params)
+    group = isinstance(built, list | tuple)
+    views = list(built) if group else [built]
+    assert views, "a group factory returned an empty list of views"
     images = image_batch(batch, size, device)
-    before = images.clone()
-    out = view(images)
-    assert torch.equal(images, before), "the view modified its input in place"
-    assert torch.is_tensor(out), f"returned {type(out).__name__}, not a tensor"
-    assert out.ndim == 4 and out.shape[:2] == images.shape[:2], f"bad shape {tuple(out.shape)}"
-    assert out.dtype == images.dtype and out.device == images.device, "dtype or device changed"
-    assert torch.isfinite(out).all(), "NaN or inf"
-    assert out.min() >= -1e-6 and out.max() <= 1 + 1e-6, "left [0, 1]"
-    assert torch.equal(out, view(images)), "a TTA view must be deterministic"
-    return out
+    outputs = []
+    for i, view in enumerate(views):
+        what = f"view {i} of the group ({view!r})" if group else "the view"
+        assert callable(view), f"{what}: {view!r} is not callable"
+        before = images.clone()
+        out = view(images)
+        assert torch.equal(images, before), f"{what} modified its input in place"
+        assert torch.is_tensor(out), f"{what} returned {type(out).__name__}, not a tensor"
+        assert out.ndim == 4 and out.shape[:2] == images.shape[:2], (
+            f"{what}: bad shape {tuple(out.shape)} (batch and channels must be kept)"
+        )
+        assert out.dtype == images.dtype and out.device == images.device, (
+            f"{what}: dtype or device changed"
+        )
+        assert torch.isfinite(out).all(), f"{what}: NaN or inf"
+        assert out.min() >= -1e-6 and out.max() <= 1 + 1e-6, f"{what}: left [0, 1]"
+        assert torch.equal(out, view(images)), f"{what}: a TTA view must be deterministic"
+        outputs.append(out)
+    for i, a in enumerate(outputs):
+        for j in range(i):
+            b = outputs[j]
+            assert a.shape != b.shape or not torch.equal(a, b), (
+                f"views {j} and {i} of the group give the same images: a repeated view only "
+                "re-weights the merge"
+            )
+    return outputs if group else outputs[0]
