@@ -15,13 +15,21 @@ Methods and the probabilities they give:
   Classification: Generalizing to New Classes at Near-Zero Cost"); probabilities are a softmax of
   the similarities to the class means divided by the temperature.
 * ``linear``: multinomial logistic regression (scikit-learn, L2 penalty ``C``), its own
-  probabilities: the classic linear probe.
+  probabilities: the classic linear probe. Unless ``--C`` is given, ``C`` is chosen on each
+  fold's train rows by an inner stratified 3-fold CV over :data:`C_GRID` on the competition's
+  metric (ties broken by log loss), then refitted on all of them (Kornblith et al. 2019, "Do
+  Better ImageNet Models Transfer Better?", tune the probe's L2 strength on a validation split).
 
 Feature normalisation (``norm``), fitted on each fold's train rows only: ``none``, ``l2``,
 ``center_l2`` (subtract the train mean, then L2; Wang et al. 2019, "SimpleShot: Revisiting
 Nearest-Neighbor Classification for Few-Shot Learning"), ``pca`` / ``pca_whiten`` (centre, project
 on the first ``pca_dim`` principal components, optionally whitened, then L2). k-NN and NCM always
 compare L2-normalised vectors (cosine).
+
+Several backbones (``model.backbone: [tf_efficientnet_lite0, tf_efficientnet_lite1]`` with
+``model.pretrained`` a list of the same length, or null): each backbone's embeddings are cached on
+their own, centred (train-row mean) and L2-normalised block by block, concatenated, then
+normalised as above; each block then weighs alike whatever its width or scale.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import itertools
 import json
 import time
 from pathlib import Path
@@ -37,12 +46,14 @@ import numpy as np
 import torch
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
 
 from competition.config import REPO_ROOT, Config, replace
 from competition.device import autocast, to_device
 from competition.errors import ConfigError, PluginError
 from competition.images import cache_key
 from competition.io import atomic_path, remove_orphan_temporaries
+from competition.metrics import Metric, get_metric, log_loss
 from competition.progress import progress
 from competition.runs import FoldPredictions, FoldResult, FoldTask, OutputDirs, produce_run
 from competition.workspace import Workspace
@@ -50,6 +61,9 @@ from competition.workspace import Workspace
 METHODS = ("knn", "ncm", "linear")
 NORMS = ("none", "l2", "center_l2", "pca", "pca_whiten")
 SPLITS = ("train", "test", "holdout")
+#: Values of ``C`` the linear probe's inner CV tries (``--C`` fixes one instead).
+C_GRID = (0.3, 1.0, 3.0, 10.0, 30.0)
+INNER_FOLDS = 3
 
 
 def _choice(value: str, valid: tuple[str, ...], key: str) -> None:
@@ -68,7 +82,7 @@ class BaselineOptions:
     temperature: float = 0.07  # similarity temperature (knn weights, ncm softmax)
     norm: str = "center_l2"
     pca_dim: int = 256  # components kept by norm=pca / pca_whiten (capped by rows and features)
-    C: float = 1.0  # inverse L2 strength (linear)
+    C: float | None = None  # inverse L2 strength (linear); None: inner CV over C_GRID
     hflip: bool = False  # average the embeddings of the image and its mirror image
 
     def __post_init__(self):
@@ -80,7 +94,7 @@ class BaselineOptions:
             raise ConfigError(f"--temperature={self.temperature}: must be positive")
         if self.pca_dim < 1:
             raise ConfigError(f"--pca-dim={self.pca_dim}: must be at least 1")
-        if self.C <= 0:
+        if self.C is not None and self.C <= 0:
             raise ConfigError(f"--C={self.C}: must be positive")
 
 
@@ -94,14 +108,29 @@ def l2(x: np.ndarray) -> np.ndarray:
 class Normaliser:
     """Feature normalisation; :meth:`fit` sees the train rows only, :meth:`transform` any rows."""
 
-    def __init__(self, kind: str = "center_l2", pca_dim: int = 256):
+    def __init__(self, kind: str = "center_l2", pca_dim: int = 256, blocks=None):
         _choice(kind, NORMS, "--norm")
         self.kind, self.pca_dim = kind, pca_dim
+        self.blocks = list(blocks) if blocks is not None and len(blocks) > 1 else None
+        self.block_mean_: np.ndarray | None = None
         self.mean_: np.ndarray | None = None
         self.pca_: PCA | None = None
 
+    def _blockwise(self, x: np.ndarray) -> np.ndarray:
+        """Each backbone's block centred on the train mean and L2-normalised (several only)."""
+        if self.blocks is None:
+            return x
+        if x.shape[1] != sum(self.blocks):
+            raise ConfigError(f"features of width {x.shape[1]}, expected blocks {self.blocks}")
+        edges = np.cumsum([0, *self.blocks])
+        centred = x - self.block_mean_
+        return np.hstack([l2(centred[:, a:b]) for a, b in itertools.pairwise(edges)])
+
     def fit(self, x: np.ndarray) -> Normaliser:
         x = np.asarray(x, dtype=np.float64)
+        if self.blocks is not None:
+            self.block_mean_ = x.mean(axis=0)
+            x = self._blockwise(x)
         self.mean_ = x.mean(axis=0)
         if self.kind in ("pca", "pca_whiten"):
             dim = min(self.pca_dim, x.shape[0] - 1, x.shape[1])
@@ -113,6 +142,10 @@ class Normaliser:
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
+        if self.blocks is not None:
+            if self.block_mean_ is None:
+                raise RuntimeError("Normaliser.transform before fit")
+            x = self._blockwise(x)
         if self.kind == "none":
             return x
         if self.kind == "l2":
@@ -168,29 +201,73 @@ class NCM:
         return probs / probs.sum(axis=1, keepdims=True)
 
 
-class Linear:
-    """Multinomial logistic regression (L2 penalty, lbfgs)."""
+def _full_probs(model: LogisticRegression, x: np.ndarray, num_classes: int) -> np.ndarray:
+    probs = np.zeros((len(x), num_classes))
+    probs[:, model.classes_] = model.predict_proba(x)
+    return probs
 
-    def __init__(self, num_classes: int, C: float = 1.0):
-        self.num_classes = num_classes
-        self.model = LogisticRegression(C=C, max_iter=2000)
+
+class Linear:
+    """Multinomial logistic regression (L2 penalty, lbfgs); ``C=None``: chosen by inner CV.
+
+    The inner CV splits the rows given to :meth:`fit` (a fold's train rows) into
+    :data:`INNER_FOLDS` stratified parts, fits every ``C`` of ``grid`` (ascending, each fit
+    warm-started from the previous one), scores the held-out part with ``metric`` (ties: log
+    loss) and keeps the best mean; ``C_`` and ``scores_`` say what was chosen and why.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        C: float | None = 1.0,
+        metric: Metric | None = None,
+        grid: tuple[float, ...] = C_GRID,
+        seed: int = 0,
+    ):
+        self.num_classes, self.C, self.grid, self.seed = num_classes, C, tuple(sorted(grid)), seed
+        self.metric = metric or get_metric("accuracy")
+        self.C_: float | None = C
+        self.scores_: dict[float, tuple[float, float]] = {}
+
+    def _inner_scores(self, x: np.ndarray, y: np.ndarray) -> dict[float, tuple[float, float]]:
+        counts = np.bincount(y)
+        splits = min(INNER_FOLDS, int(counts[counts > 0].min()))
+        if splits < 2:
+            return {}
+        inner = StratifiedKFold(splits, shuffle=True, random_state=self.seed)
+        scores: dict[float, list] = {c: [] for c in self.grid}
+        for fit_rows, score_rows in inner.split(x, y):
+            model = LogisticRegression(max_iter=2000, warm_start=True)
+            for c in self.grid:
+                model.set_params(C=c).fit(x[fit_rows], y[fit_rows])
+                probs = _full_probs(model, x[score_rows], self.num_classes)
+                target = y[score_rows]
+                scores[c].append((self.metric(target, probs), log_loss(target, probs)))
+        return {c: tuple(np.mean(v, axis=0).tolist()) for c, v in scores.items()}
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> Linear:
-        self.model.fit(x, y)
+        y = np.asarray(y)
+        if self.C is None:
+            self.scores_ = self._inner_scores(x, y)
+            sign = 1.0 if self.metric.higher_is_better else -1.0
+            self.C_ = (
+                max(self.scores_, key=lambda c: (sign * self.scores_[c][0], -self.scores_[c][1]))
+                if self.scores_
+                else 1.0  # a class with one train row: no inner split, the default
+            )
+        self.model = LogisticRegression(C=self.C_, max_iter=2000).fit(x, y)
         return self
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        probs = np.zeros((len(x), self.num_classes))
-        probs[:, self.model.classes_] = self.model.predict_proba(x)
-        return probs
+        return _full_probs(self.model, x, self.num_classes)
 
 
-def make_classifier(options: BaselineOptions, num_classes: int):
+def make_classifier(options: BaselineOptions, num_classes: int, metric: Metric | None = None):
     if options.method == "knn":
         return KNN(num_classes, options.k, options.temperature)
     if options.method == "ncm":
         return NCM(num_classes, options.temperature)
-    return Linear(num_classes, options.C)
+    return Linear(num_classes, options.C, metric)
 
 
 def fit_predict(
@@ -199,10 +276,22 @@ def fit_predict(
     queries: list[np.ndarray],
     num_classes: int,
     options: BaselineOptions,
+    blocks: list[int] | None = None,
+    metric: Metric | None = None,
+    details: dict | None = None,
 ) -> list[np.ndarray]:
-    """Fit normaliser and classifier on the train rows; class probabilities of each query set."""
-    norm = Normaliser(options.norm, options.pca_dim).fit(train_x)
-    classifier = make_classifier(options, num_classes).fit(norm.transform(train_x), train_y)
+    """Fit normaliser and classifier on the train rows; class probabilities of each query set.
+
+    ``blocks``: the widths of the backbones' features concatenated in the columns; ``metric``
+    scores the linear probe's inner CV; ``details`` receives the chosen ``C``.
+    """
+    norm = Normaliser(options.norm, options.pca_dim, blocks).fit(train_x)
+    classifier = make_classifier(options, num_classes, metric)
+    classifier.fit(norm.transform(train_x), train_y)
+    if details is not None and isinstance(classifier, Linear):
+        details["C"] = classifier.C_
+        if classifier.scores_:
+            details["inner_cv"] = {str(c): s[0] for c, s in classifier.scores_.items()}
     return [classifier.predict_proba(norm.transform(q)) for q in queries]
 
 
@@ -242,9 +331,49 @@ def _version(name: str) -> str | None:
         return None
 
 
-def embedding_key(run: Workspace, split: str, view: str) -> str:
-    """Everything an embedding depends on: weights' content, pooling, eval pipeline, the images."""
-    config, data = run.config, run.config.data
+def backbone_configs(config: Config) -> list[Config]:
+    """One config per backbone of ``model.backbone`` (a name, or a list of names for baselines).
+
+    With a list, ``model.pretrained`` is null (no weights) or a list of the same length.
+    """
+    model = config.model
+    if isinstance(model.backbone, str):
+        if isinstance(model.pretrained, list):
+            raise ConfigError(
+                f"model.pretrained is a list {model.pretrained} but model.backbone is one name "
+                f"({model.backbone}): give one weights source, or a list of backbones"
+            )
+        return [config]
+    if not model.backbone:
+        raise ConfigError("model.backbone: an empty list; name one backbone or several")
+    pretrained = model.pretrained
+    if pretrained is None:
+        pretrained = [None] * len(model.backbone)
+    if not isinstance(pretrained, list) or len(pretrained) != len(model.backbone):
+        raise ConfigError(
+            f"model.backbone lists {len(model.backbone)} backbones, so model.pretrained must be "
+            f"null or a list of {len(model.backbone)} weights sources (one per backbone, e.g. "
+            "[efficientnet_lite0_imagenet, efficientnet_lite1_imagenet]), not "
+            f"{model.pretrained!r}"
+        )
+    pairs = list(zip(model.backbone, pretrained, strict=True))
+    if len(set(pairs)) < len(pairs):
+        raise ConfigError(
+            f"model.backbone lists one backbone with the same weights twice: {model.backbone}"
+        )
+    return [
+        replace(config, {"model.backbone": b, "model.pretrained": p})
+        for b, p in zip(model.backbone, pretrained, strict=True)
+    ]
+
+
+def embedding_key(run: Workspace, split: str, view: str, config: Config | None = None) -> str:
+    """Everything an embedding depends on: weights' content, pooling, eval pipeline, the images.
+
+    ``config``: the one-backbone config (default ``run.config``).
+    """
+    config = config or run.config
+    data = config.data
     paths = [Path(p) for p in getattr(run.competition, split)["path"]]
     parts = {
         "backbone": config.model.backbone,
@@ -256,6 +385,8 @@ def embedding_key(run: Workspace, split: str, view: str) -> str:
         "images": cache_key(paths, run.cache_side, data.resize),
         "view": view,
     }
+    if config.model.kwargs:  # another architecture (img_size...); absent keeps old keys valid
+        parts["model_kwargs"] = config.model.kwargs
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -275,34 +406,42 @@ def extract(run: Workspace, model: torch.nn.Module, split: str, views: list[str]
 
 
 class EmbeddingStore:
-    """Embeddings of a run's splits, computed once per image and view and cached on disk."""
+    """Embeddings of a run's splits, computed once per image and view and cached on disk.
 
-    def __init__(self, run: Workspace, log=print):
+    ``config``: the one-backbone config whose model embeds (default ``run.config``).
+    """
+
+    def __init__(self, run: Workspace, log=print, config: Config | None = None):
         self.run, self.log = run, log
-        self.directory = embeddings_dir(run.config)
+        self.config = config or run.config
+        if not isinstance(self.config.model.backbone, str):
+            raise ConfigError("EmbeddingStore embeds with one backbone; see backbone_configs")
+        self.directory = embeddings_dir(self.config)
         remove_orphan_temporaries(self.directory)
         self.model: torch.nn.Module | None = None
         self.computed: list[str] = []  # "<split>/<view>" computed (not read from the cache)
         self.seconds = 0.0
 
     def path(self, split: str, view: str) -> Path:
-        name = self.run.config.competition.name
-        backbone = self.run.config.model.backbone.replace("/", "_")
-        key = embedding_key(self.run, split, view)
+        name = self.config.competition.name
+        backbone = self.config.model.backbone.replace("/", "_")
+        key = embedding_key(self.run, split, view, self.config)
         return self.directory / f"{name}-{split}-{backbone}-{self.run.eval_size}px-{view}-{key}.npy"
 
     def _model(self) -> torch.nn.Module:
         if self.model is None:
             # seeded: a backbone without pretrained weights is the same random one every time
-            torch.manual_seed(self.run.config.seed)
-            model = self.run.create_model()
+            torch.manual_seed(self.config.seed)
+            model = self.run.pm.hook.competition_create_model(
+                config=self.config, num_classes=len(self.run.classes)
+            )
             if not callable(getattr(model, "embed", None)):
                 raise PluginError(
-                    f"model.backbone={self.run.config.model.backbone}: the model has no embed(x); "
+                    f"model.backbone={self.config.model.backbone}: the model has no embed(x); "
                     "baselines need pooled features (plugins.backbones.Classifier has one)."
                 )
             model = model.to(self.run.device).eval()
-            if self.run.config.model.channels_last:
+            if self.config.model.channels_last:
                 model = model.to(memory_format=torch.channels_last)
             self.model = model
         return self.model
@@ -357,8 +496,9 @@ def baseline_name(name: str, options: BaselineOptions) -> str:
 class BaselineFold:
     """Producer: fit the classifier on the fold's train embeddings, predict the rest."""
 
-    def __init__(self, workspace: Workspace, options: BaselineOptions, features: dict):
+    def __init__(self, workspace: Workspace, options: BaselineOptions, features: dict, blocks=None):
         self.workspace, self.options, self.features = workspace, options, features
+        self.blocks = blocks
 
     def __call__(self, task: FoldTask) -> FoldPredictions:
         started = time.perf_counter()
@@ -371,12 +511,15 @@ class BaselineFold:
             [train[task.valid_index]] + [self.features[s] for s in others],
             len(self.workspace.classes),
             self.options,
+            self.blocks,
+            self.workspace.metric,
+            details := {"method": self.options.method},
         )
         result = FoldResult(
             task.fold,
             best_score=self.workspace.metric(targets[task.valid_index], probs[0]),
             seconds=time.perf_counter() - started,
-            info={"method": self.options.method},
+            info=details,
         )
         return FoldPredictions(probs[0], dict(zip(others, probs[1:], strict=True)), result)
 
@@ -391,11 +534,13 @@ def run_baseline(config: Config, options: BaselineOptions, folds=None, log=print
     config = replace(config, {"name": baseline_name(config.name, options)})
     dirs = OutputDirs(**paths)
     workspace = Workspace(config, dirs.folds_dir, log)
-    store = EmbeddingStore(workspace, log)
+    stores = [EmbeddingStore(workspace, log, c) for c in backbone_configs(config)]
     splits = ["train", *workspace.split_names()]
-    features = {split: store.get(split, options.hflip) for split in splits}
+    parts = {split: [store.get(split, options.hflip) for store in stores] for split in splits}
+    features = {split: np.hstack(arrays) for split, arrays in parts.items()}
+    blocks = [a.shape[1] for a in parts["train"]] if len(stores) > 1 else None
     produced_by = {"verb": "baseline", "baseline": dataclasses.asdict(options)}
-    producer = BaselineFold(workspace, options, features)
+    producer = BaselineFold(workspace, options, features, blocks)
     cv = produce_run(workspace, produced_by, producer, folds, dirs)
     if "holdout" in features:
         (holdout_probs,) = fit_predict(
@@ -404,16 +549,23 @@ def run_baseline(config: Config, options: BaselineOptions, folds=None, log=print
             [features["holdout"]],
             len(workspace.classes),
             options,
+            blocks,
+            workspace.metric,
         )
         cv["lb_full"] = workspace.metric(
             workspace.competition.holdout["target"].to_numpy(), holdout_probs
         )
-    cv["embeddings"] = {"computed": store.computed, "seconds": round(store.seconds, 1)}
+    cv["embeddings"] = {
+        "computed": [c for store in stores for c in store.computed],
+        "seconds": round(sum(store.seconds for store in stores), 1),
+        "dims": [a.shape[1] for a in parts["train"]],
+    }
     cv["seconds"] = round(time.perf_counter() - started, 1)
     return cv
 
 
 __all__ = [
+    "C_GRID",
     "KNN",
     "METHODS",
     "NCM",
@@ -422,6 +574,7 @@ __all__ = [
     "EmbeddingStore",
     "Linear",
     "Normaliser",
+    "backbone_configs",
     "fit_predict",
     "run_baseline",
 ]

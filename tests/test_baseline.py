@@ -9,21 +9,28 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
 
 from competition.baseline import (
+    C_GRID,
     METHODS,
     NORMS,
     BaselineOptions,
     EmbeddingStore,
+    Linear,
     Normaliser,
+    backbone_configs,
     embeddings_dir,
     fit_predict,
     l2,
     run_baseline,
 )
 from competition.cli import main
-from competition.config import REPO_ROOT, load_config
+from competition.config import REPO_ROOT, load_config, replace
+from competition.cv import run_cv
 from competition.errors import ConfigError
+from competition.metrics import get_metric
 from competition.runs import RunRecord
 from competition.workspace import Workspace
 from tests.conftest import tiny_overrides, trashnet_config
@@ -109,7 +116,8 @@ def test_normaliser_is_fitted_on_the_train_rows_only(kind, digits):
 @pytest.mark.parametrize("method", METHODS)
 def test_a_prediction_depends_on_the_train_rows_and_itself_only(method, norm, digits):
     x, y = digits
-    options = BaselineOptions(method=method, norm=norm, pca_dim=16, k=5)
+    fixed_c = None if norm == "center_l2" else 1.0  # the inner CV of C once: it is slow
+    options = BaselineOptions(method=method, norm=norm, pca_dim=16, k=5, C=fixed_c)
     train_x, train_y, query = x[:300], y[:300], x[300:]
     together, alone = fit_predict(train_x, train_y, [query, query[:1]], 10, options)
     np.testing.assert_allclose(together[:1], alone)
@@ -150,3 +158,100 @@ def test_holdout_is_scored_as_lb(folders_small, tmp_path, run_paths):
         8,
         2,
     )
+
+
+# -- the linear probe's C, several backbones -----------------------------------------------------
+
+
+def test_linear_picks_C_by_inner_cv_on_the_train_rows_only(digits):
+    x, y = digits
+    train_x, train_y = x[:150] / 16, y[:150]
+    probe = Linear(10, C=None, metric=get_metric("accuracy")).fit(train_x, train_y)
+    assert probe.C_ in C_GRID and sorted(probe.scores_) == sorted(C_GRID)
+    # the same inner CV by hand: stratified 3-fold on the train rows, accuracy per C
+    inner = StratifiedKFold(3, shuffle=True, random_state=0)
+    by_hand = {
+        c: np.mean(
+            [
+                LogisticRegression(C=c, max_iter=2000)
+                .fit(train_x[a], train_y[a])
+                .score(train_x[b], train_y[b])
+                for a, b in inner.split(train_x, train_y)
+            ]
+        )
+        for c in C_GRID
+    }
+    for c in C_GRID:
+        assert probe.scores_[c][0] == pytest.approx(by_hand[c], abs=0.02)
+    assert by_hand[probe.C_] >= max(by_hand.values()) - 0.02
+    # then refitted on all train rows with the chosen C
+    refit = LogisticRegression(C=probe.C_, max_iter=2000).fit(train_x, train_y)
+    np.testing.assert_allclose(
+        probe.predict_proba(x[300:]), refit.predict_proba(x[300:]), atol=1e-4
+    )
+    fixed = Linear(10, C=1.0).fit(train_x, train_y)
+    assert fixed.C_ == 1.0 and fixed.scores_ == {}
+    details = {}
+    options = BaselineOptions("linear", norm="none")
+    fit_predict(train_x, train_y, [x[300:]], 10, options, metric=probe.metric, details=details)
+    assert details["C"] == probe.C_
+
+
+def test_blocks_are_each_centred_and_l2_normalised_on_the_train_rows(digits):
+    x, _ = digits
+    train, query = x[:300], x[300:]
+    norm = Normaliser("none", blocks=[24, 40]).fit(train)
+    out = norm.transform(query)
+    mean = train.mean(0)
+    np.testing.assert_allclose(out[:, :24], l2(query[:, :24] - mean[:24]))
+    np.testing.assert_allclose(out[:, 24:], l2(query[:, 24:] - mean[24:]))
+    np.testing.assert_allclose(np.linalg.norm(out[:, :24], axis=1), 1.0)
+    with pytest.raises(ConfigError, match="width 64"):
+        Normaliser("none", blocks=[24, 24]).fit(train)
+
+
+def test_a_list_of_backbones_concatenates_their_cached_embeddings(
+    kaggle_small, tmp_path, run_paths
+):
+    quiet = lambda *a: None  # noqa: E731
+    single = trashnet_config(kaggle_small, tmp_path)
+    run_baseline(single, BaselineOptions(method="ncm"), log=quiet, **run_paths)
+    both = trashnet_config(
+        kaggle_small, tmp_path, "model.backbone=[resnet10t, test_resnet]", "name=two"
+    )
+    cv = run_baseline(both, BaselineOptions(method="ncm"), log=quiet, **run_paths)
+    # resnet10t's embeddings come from the cache of the one-backbone run; test_resnet's are new
+    assert sorted(cv["embeddings"]["computed"]) == ["test/identity", "train/identity"]
+    workspace = Workspace(both, run_paths["folds_dir"], quiet)
+    parts = [EmbeddingStore(workspace, quiet, c).get("train") for c in backbone_configs(both)]
+    assert cv["embeddings"]["dims"] == [p.shape[1] for p in parts] and len(parts) == 2
+    # fold 0's OOF rows are the ncm of the blockwise-normalised concatenation
+    valid = workspace.fold_of == 0
+    (expected,) = fit_predict(
+        np.hstack(parts)[~valid],
+        workspace.targets[~valid],
+        [np.hstack(parts)[valid]],
+        6,
+        BaselineOptions(method="ncm"),
+        blocks=cv["embeddings"]["dims"],
+    )
+    oof = pd.read_csv(run_paths["runs_dir"] / "two-ncm" / "fold_0" / "oof.csv")
+    np.testing.assert_allclose(oof.iloc[:, 4:].to_numpy(), expected, atol=1e-6)
+
+
+def test_a_list_of_backbones_is_for_baselines_only(kaggle_small, tmp_path, run_paths):
+    config = trashnet_config(kaggle_small, tmp_path, "model.backbone=[resnet10t, test_resnet]")
+    with pytest.raises(ConfigError, match="list of backbones is for frozen-feature baselines"):
+        run_cv(config, **run_paths)
+    assert not (run_paths["runs_dir"] / "t").exists()
+    with pytest.raises(ConfigError, match="null or a list of 2"):
+        backbone_configs(replace(config, {"model.pretrained": "efficientnet_lite0_imagenet"}))
+    one = replace(config, {"model.backbone": "resnet10t", "model.pretrained": ["a", "b"]})
+    with pytest.raises(ConfigError, match="one name"):
+        backbone_configs(one)
+    weights = ["efficientnet_lite0_imagenet", "w.pt"]
+    configs = backbone_configs(replace(config, {"model.pretrained": weights}))
+    assert [(c.model.backbone, c.model.pretrained) for c in configs] == [
+        ("resnet10t", "efficientnet_lite0_imagenet"),
+        ("test_resnet", "w.pt"),
+    ]

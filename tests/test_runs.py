@@ -115,7 +115,7 @@ def test_a_blend_of_a_blend_is_a_run_like_any_other(kaggle_small, tmp_path, run_
     assert [m["weight"] for m in members] == pytest.approx(first["weights"])
     assert record.config.name == "b1" and record.done_folds() == [0, 1]
 
-    second = blend([runs / "b1", runs / "t"], "b2", log=quiet, **run_paths)
+    second = blend([runs / "b1", runs / "t"], "b2", log=quiet, method="optimize", **run_paths)
     assert second["folds_done"] == [0, 1] and len(second["weights"]) == 2
     # the blend's test predictions are its members' with the fitted weights, fold by fold
     w = second["weights"]
