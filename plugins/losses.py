@@ -7,7 +7,8 @@
 * ``logit_adjusted``: Menon et al. 2021, "Long-tail Learning via Logit Adjustment".
 * ``balanced_softmax``: Ren et al. 2020, "Balanced Meta-Softmax for Long-Tailed Visual Recognition".
 * ``ldam``: Cao et al. 2019, "Learning Imbalanced Datasets with Label-Distribution-Aware Margin
-  Loss" (the margin only; the deferred re-weighting, DRW, needs the epoch and is not done here).
+  Loss"; ``ldam_drw`` and ``ce_drw`` add their deferred re-weighting (DRW): class-balanced
+  weights (Cui et al. 2019, effective number) from a configured epoch on, through ``set_epoch``.
 
 A hard target is turned into a one-hot row and goes through the same code as a soft one, so a
 one-hot soft target gives exactly the value of the hard target. Every loss takes
@@ -285,6 +286,101 @@ class LDAMLoss(_SoftLoss):
         return -(smooth * F.log_softmax(shifted, dim=1)).sum(dim=1).mean()
 
 
+def effective_number_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
+    """Cui et al. 2019 class weights ``(1 - beta) / (1 - beta^n_j)``, normalised to sum to ``K``."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    w = (1.0 - beta) / (1.0 - torch.pow(beta, counts))
+    return (w / w.sum() * len(counts)).float()
+
+
+class _DeferredReweighting:
+    """Deferred re-weighting (DRW; Cao et al. 2019): class-balanced weights from an epoch on.
+
+    The engine calls ``set_epoch(epoch, epochs)`` (0-based epoch) before each training epoch.
+    ``drw_epoch`` is the first epoch (counting from 1) trained with the weights; the default is
+    the start of the last quarter (``floor(0.75 * epochs) + 1``: epoch 151 of 200). Weights are
+    Cui et al.'s effective-number weights with ``beta`` (0.9999 as in Cao et al.'s code); the loss
+    is their weighted mean, as ``F.cross_entropy(weight=...)`` computes it. Before the switch, and
+    when ``set_epoch`` was never called, the loss is unweighted.
+    """
+
+    def _init_drw(self, num_classes: int, class_counts, beta: float, drw_epoch) -> None:
+        self.beta = _number(self.loss_name, "beta", beta, 0.0, 1.0 - 1e-12, "a number in [0, 1)")
+        if drw_epoch is not None and (
+            isinstance(drw_epoch, bool) or not isinstance(drw_epoch, int) or drw_epoch < 1
+        ):
+            raise _bad(self.loss_name, "drw_epoch", drw_epoch, "an epoch number >= 1, or null")
+        self.drw_epoch = drw_epoch
+        counts = _counts(self.loss_name, num_classes, class_counts)
+        self.register_buffer("drw_weight", effective_number_weights(counts, self.beta))
+        self.reweighting = False
+
+    def drw_start(self, epochs: int) -> int:
+        """The 0-based epoch from which the weights apply."""
+        return self.drw_epoch - 1 if self.drw_epoch is not None else math.floor(0.75 * epochs)
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """Switch the class-balanced weights on from :meth:`drw_start` (called by the engine)."""
+        self.reweighting = epoch >= self.drw_start(epochs)
+
+    def _weighted(self, per_class: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        """Mean of ``per_class`` (B, K) summed over K; the weighted mean while re-weighting."""
+        if not self.reweighting:
+            return per_class.sum(dim=1).mean()
+        w = self.drw_weight.to(per_class.device)
+        return (per_class * w).sum() / (raw * w).sum()
+
+
+class CrossEntropyDRW(_DeferredReweighting, _SoftLoss):
+    """CE-DRW (Cao et al. 2019): cross-entropy, class-balanced weights from ``drw_epoch`` on."""
+
+    loss_name = "ce_drw"
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_counts: Sequence[int] | None = None,
+        *,
+        beta: float = 0.9999,
+        drw_epoch: int | None = None,
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__(num_classes, label_smoothing)
+        self._init_drw(num_classes, class_counts, beta, drw_epoch)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits, raw, smooth = self._inputs(logits, targets)
+        return self._weighted(-smooth * F.log_softmax(logits, dim=1), raw)
+
+
+class LDAMDRWLoss(_DeferredReweighting, LDAMLoss):
+    """LDAM-DRW (Cao et al. 2019): the LDAM margin loss, class-balanced weights from
+    ``drw_epoch`` on (their schedule: the last part of training)."""
+
+    loss_name = "ldam_drw"
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_counts: Sequence[int] | None = None,
+        *,
+        max_m: float = 0.5,
+        s: float = 30.0,
+        beta: float = 0.9999,
+        drw_epoch: int | None = None,
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__(
+            num_classes, class_counts, max_m=max_m, s=s, label_smoothing=label_smoothing
+        )
+        self._init_drw(num_classes, class_counts, beta, drw_epoch)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits, raw, smooth = self._inputs(logits, targets)
+        shifted = self.s * (logits - raw * self.margins.to(logits.device))
+        return self._weighted(-smooth * F.log_softmax(shifted, dim=1), raw)
+
+
 LOSSES: dict[str, type[_SoftLoss]] = {
     "cross_entropy": CrossEntropyLoss,
     "focal": FocalLoss,
@@ -292,6 +388,8 @@ LOSSES: dict[str, type[_SoftLoss]] = {
     "logit_adjusted": LogitAdjustedLoss,
     "balanced_softmax": BalancedSoftmaxLoss,
     "ldam": LDAMLoss,
+    "ce_drw": CrossEntropyDRW,
+    "ldam_drw": LDAMDRWLoss,
 }
 
 
