@@ -1,4 +1,4 @@
-"""The ``competition`` command: demo, folds, train, predict, baseline, tune, ensemble, plugins."""
+"""The ``competition`` command: one subcommand per verb (train, predict, ensemble, report, ...)."""
 
 from __future__ import annotations
 
@@ -81,20 +81,43 @@ def cmd_train(args) -> None:
     print(summary_table(cv))
 
 
-def cmd_predict(args) -> None:
+def _flat_overrides(items: list[str]) -> dict:
+    """``["optim.lr=3e-4"]`` -> ``{"optim.lr": 0.0003}`` (values parsed as YAML)."""
     from competition.config import apply_overrides
-    from competition.cv import predict_run
-    from competition.runs import summary_table
 
     flat: dict = {}
-    for item in args.overrides:
+    for item in items:
         nested = apply_overrides({}, [item])
         key = item.split("=", 1)[0]
         node = nested
         for part in key.split("."):
             node = node[part]
         flat[key] = node
-    cv = predict_run(Path(args.run_dir), flat, name=args.name)
+    return flat
+
+
+def cmd_predict(args) -> None:
+    from competition.cv import predict_run
+    from competition.runs import summary_table
+
+    flat = _flat_overrides(args.overrides)
+    if args.tta is not None:
+        flat["tta"] = args.tta
+    candidates = None
+    if args.candidates is not None:
+        import yaml
+
+        from competition.config import load_yaml
+        from competition.errors import ConfigError
+
+        try:
+            candidates = load_yaml(args.candidates)
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"--candidates: not valid YAML ({exc}); e.g. '[hflip, {{name: scale, factor: 2}}]'"
+            ) from None
+        candidates = candidates if isinstance(candidates, list) else [candidates]
+    cv = predict_run(Path(args.run_dir), flat, name=args.name, candidates=candidates)
     print(summary_table(cv))
 
 
@@ -121,33 +144,115 @@ def cmd_baseline(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    from competition.config import load_config
-    from competition.tune import tune
+    from competition.config import load_config, replace
+    from competition.tune import report, summary, tune
 
     config = load_config(args.config, args.overrides)
-    study = tune(config, trials=args.trials)
-    finished = [t for t in study.trials if t.value is not None]
-    print(f"{len(study.trials)} trials ({len(finished)} complete) in {study.study_name}")
-    if finished:
-        print(f"best {config.metric}: {study.best_value:.4f} with {study.best_params}")
-        print(f"best config: runs/{config.name}-best.yaml")
+    flags = {"trials": args.trials, "timeout_s": args.timeout, "storage": args.storage}
+    flags.update(study=args.study, workers=args.workers)
+    config = replace(config, {f"tune.{k}": v for k, v in flags.items() if v is not None})
+    if args.report:
+        report(config)
+        return
+    study = tune(config)
+    print(summary(study))
+    if any(t.state.name == "COMPLETE" for t in study.trials):
+        best = f"runs/{study.study_name}-best"
+        print(f"best {config.metric}: {study.best_value:.4f} (trial {study.best_trial.number})")
+        print(f"best config: {best}.yaml (train it: competition train {best}.yaml)")
+        print(f"best overrides: {best}.overrides.yaml")
 
 
 def cmd_ensemble(args) -> None:
     from competition.ensemble import blend
 
-    cv = blend(args.runs, args.name)
+    cv = blend(args.runs, args.name, method=args.method, calibrate=args.calibrate)
     for run, weight in zip(cv["runs"], cv["weights"], strict=True):
-        print(f"{weight:6.3f}  {run}  (OOF {cv['members'][run]:.4f})")
+        print(f"{weight:6.3f}  {run}  (CV {cv['members'][run]:.4f})")
+    print(f"{'method':>10}  {'nested':>8}  {'in-sample':>9}")
+    for method, scores in cv["methods"].items():
+        mark = "  <- chosen" if method == cv["method"] else ""
+        print(f"{method:>10}  {scores['nested']:8.4f}  {scores['in_sample']:9.4f}{mark}")
     how = "nested" if cv["nested"] else "in-sample: one common fold"
     print(
-        f"blend CV {cv['metric']} {cv['mean']:.4f} ± {cv['std']:.4f} ({how}), "
-        f"OOF {cv['oof']:.4f} on {cv['rows']} rows"
+        f"blend ({cv['method']}{', calibrated' if cv['calibrate'] else ''}) CV {cv['metric']} "
+        f"{cv['mean']:.4f} ± {cv['std']:.4f} ({how}), OOF {cv['oof']:.4f} on {cv['rows']} rows"
     )
+    if "warning" in cv:
+        print(f"WARNING: {cv['warning']}", file=sys.stderr)
     if "lb" in cv:
         print(f"LB {cv['lb']:.4f}")
     if "submission" in cv:
         print(f"submission: {cv['submission']}")
+
+
+def cmd_report(args) -> None:
+    from competition.report import report_run
+
+    path = report_run(Path(args.run_dir), gradcam=not args.no_gradcam)
+    figures = sorted(p.name for p in path.parent.glob("report_*.png"))
+    print(f"report: {path}\nfigures: {', '.join(figures)}")
+
+
+def cmd_adjust(args) -> None:
+    from competition.adjust import adjust_run
+    from competition.runs import summary_table
+
+    cv = adjust_run(Path(args.run_dir), args.tau, name=args.name)
+    taus = ", ".join(f"fold {f}: {t:g}" for f, t in cv["taus"].items())
+    print(f"tau ({cv['tau_choice']}): {taus}")
+    print(summary_table(cv))
+
+
+def cmd_decouple(args) -> None:
+    from competition.decouple import DecoupleOptions, decouple_run
+    from competition.runs import summary_table
+
+    given = {
+        "method": args.method,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "select": args.select,
+        "inner_fraction": args.inner_fraction,
+    }
+    options = DecoupleOptions(**{key: value for key, value in given.items() if value is not None})
+    cv = decouple_run(Path(args.run_dir), options, name=args.name, folds=args.folds)
+    print(summary_table(cv))
+
+
+def cmd_pseudo(args) -> None:
+    from competition.pseudo import pseudo_run
+    from competition.runs import summary_table
+
+    flat = _flat_overrides(args.overrides)
+    cv = pseudo_run(
+        Path(args.run_dir), args.threshold, args.soft, args.name, flat, folds=args.folds
+    )
+    print(summary_table(cv))
+    pseudo = cv["pseudo"]
+    taken = ", ".join(f"{c} {n}" for c, n in pseudo["per_class"].items())
+    print(f"pseudo-labels: {pseudo['taken']} of {pseudo['of']} test images ({taken})")
+    gain = cv.get("gain")
+    if gain and gain["gain"] is not None:
+        print(
+            f"CV gain over {pseudo['source']}: {gain['gain']:+.4f} ({gain['before']:.4f} -> "
+            f"{gain['after']:.4f} on folds {gain['folds']})"
+        )
+
+
+def cmd_export(args) -> None:
+    from competition.export import export
+
+    summary = export(args.runs, args.out, force=args.force, tolerance=args.tolerance)
+    checked = ", ".join(
+        f"{run}: " + ("not verified" if gap is None else f"max |p - run| {gap:.1e}")
+        for run, gap in summary["verified"].items()
+    )
+    print(
+        f"bundle: {summary['path']} ({summary['bytes'] / 2**20:.1f} MiB, {summary['networks']} "
+        f"fold network(s)); test images: {checked or 'not verified'}"
+    )
+    print(f"run it: python {summary['path']}/predict.py --images DIR --sample-submission CSV")
 
 
 def cmd_plugins(args) -> None:
@@ -206,6 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--name", default=None, help="the new run's name (default: <run>-<what changed>-<hash>)"
     )
+    predict.add_argument(
+        "--tta",
+        choices=["auto"],
+        help="auto: choose TTA views greedily on OOF (kept only when the OOF metric improves)",
+    )
+    predict.add_argument(
+        "--candidates",
+        help="views --tta auto tries, YAML: '[hflip, d4, five_crop, {name: scale, factor: 1.3}]' "
+        "(default: hflip, vflip, d4, five_crop, ten_crop, scale 1.15 and 1.3, multiscale)",
+    )
     predict.set_defaults(func=cmd_predict)
 
     baseline = sub.add_parser(
@@ -224,7 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--norm", help="none, l2, center_l2, pca or pca_whiten (default center_l2)"
     )
     baseline.add_argument("--pca-dim", type=int, help="components kept by the pca norms (256)")
-    baseline.add_argument("--C", type=float, help="inverse L2 strength of linear (default 1.0)")
+    baseline.add_argument(
+        "--C",
+        type=float,
+        help="inverse L2 strength of linear (default: chosen per fold by inner CV, 0.3 to 30)",
+    )
     baseline.add_argument("--hflip", action="store_true", help="average with mirrored embeddings")
     baseline.add_argument(
         "--folds", type=_folds_arg, default=None, help="only these folds, e.g. 0,2"
@@ -234,13 +353,100 @@ def build_parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="Optuna study of the recipe against the CV score")
     tune.add_argument("config", help="YAML config; its tune section sets trials and dimensions")
     tune.add_argument("overrides", nargs="*", help="config overrides, e.g. tune.trials=30")
-    tune.add_argument("--trials", type=int, default=None, help="total trials (default tune.trials)")
+    tune.add_argument(
+        "--trials", type=int, help="the study's budget: trials in all, every worker and machine"
+    )
+    tune.add_argument("--timeout", type=float, help="seconds; no trial starts after (timeout_s)")
+    tune.add_argument(
+        "--storage",
+        help="runs/x.journal (default runs/<study>-study.journal), x.db, or an RDB URL such as "
+        "postgresql+psycopg://user@host/db (pip install -e '.[postgres]')",
+    )
+    tune.add_argument("--study", help="the study's name in its storage (default: the config's)")
+    tune.add_argument("--workers", type=int, help="worker processes on this machine (default 1)")
+    tune.add_argument(
+        "--report", action="store_true", help="plots and a table of trials; runs no trial"
+    )
     tune.set_defaults(func=cmd_tune)
 
     ensemble = sub.add_parser("ensemble", help="blend finished runs with weights fitted on OOF")
     ensemble.add_argument("runs", nargs="+", help="run folders, e.g. runs/a runs/b")
     ensemble.add_argument("--name", required=True, help="name of the blend (runs/<name>)")
+    ensemble.add_argument(
+        "--method",
+        default="auto",
+        help="mean, rank, geometric, hill (Caruana) or optimize; auto (default): the best "
+        "nested OOF score",
+    )
+    ensemble.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="temperature-scale each run on OOF first, for runs whose probabilities differ in "
+        "scale (default: on for metric=log_loss only)",
+    )
     ensemble.set_defaults(func=cmd_ensemble)
+
+    export = sub.add_parser(
+        "export", help="an offline inference bundle (Kaggle, internet off) of a run or a blend"
+    )
+    export.add_argument("runs", nargs="+", help="run folders (several: averaged equally)")
+    export.add_argument("out", help="the bundle's folder, e.g. bundles/exp1 (not inside runs/)")
+    export.add_argument("--force", action="store_true", help="replace a bundle already at OUT")
+    export.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="largest |bundle - run| allowed on the first test images (default 1e-4)",
+    )
+    export.set_defaults(func=cmd_export)
+
+    adjust = sub.add_parser(
+        "adjust", help="a new run: a finished run's probabilities logit-adjusted (Menon et al.)"
+    )
+    adjust.add_argument("run_dir", help="a finished run folder, e.g. runs/exp1")
+    adjust.add_argument(
+        "--tau",
+        default="auto",
+        help="auto (chosen on the other folds' OOF rows, nested) or a number; 1 is the paper's",
+    )
+    adjust.add_argument("--name", default=None, help="the new run (default <run>-adjust-tau<T>)")
+    adjust.set_defaults(func=cmd_adjust)
+
+    decouple = sub.add_parser(
+        "decouple", help="a new run: a training run's fold models with a re-fitted classifier"
+    )
+    decouple.add_argument("run_dir", help="a finished training run, e.g. runs/exp1")
+    decouple.add_argument("--method", required=True, help="crt, tau_norm, lws or ncm")
+    decouple.add_argument("--epochs", type=int, help="crt/lws passes over the rows (100)")
+    decouple.add_argument("--lr", type=float, help="crt/lws Adam LR (1e-3 crt, 1e-2 lws)")
+    decouple.add_argument(
+        "--select", help="tau_norm: inner (a part of the fold's train rows) or folds (other folds)"
+    )
+    decouple.add_argument("--inner-fraction", type=float, help="tau_norm inner part (0.2)")
+    decouple.add_argument("--name", default=None, help="the new run (default <run>-<method>)")
+    decouple.add_argument(
+        "--folds", type=_folds_arg, default=None, help="only these folds, e.g. 0,2"
+    )
+    decouple.set_defaults(func=cmd_decouple)
+
+    pseudo = sub.add_parser(
+        "pseudo",
+        help="a new run trained with a finished run's confident test predictions as labels",
+    )
+    pseudo.add_argument("run_dir", help="a finished run whose fold ensemble labels the test set")
+    pseudo.add_argument(
+        "--threshold", type=float, required=True, help="fold-mean confidence to take an image"
+    )
+    pseudo.add_argument(
+        "--soft", action="store_true", help="train on the ensemble's probabilities, not arg-max"
+    )
+    pseudo.add_argument(
+        "--name", default=None, help="the new run (default <run>-pseudo-<hard|soft>-t<T>)"
+    )
+    pseudo.add_argument("--folds", type=_folds_arg, default=None, help="only these folds")
+    pseudo.add_argument("overrides", nargs="*", help="recipe overrides, e.g. optim.epochs=5")
+    pseudo.set_defaults(func=cmd_pseudo)
 
     check = sub.add_parser(
         "check", help="audit the data: unreadable files, duplicates, label conflicts, balance"
@@ -251,6 +457,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold", type=int, help="near duplicates: pHash bits apart, of 64 (default 4)"
     )
     check.set_defaults(func=cmd_check)
+
+    report = sub.add_parser(
+        "report",
+        help="rewrite a finished run's report.md and figures, with Grad-CAM of its worst mistakes",
+    )
+    report.add_argument("run_dir", help="a finished run folder, e.g. runs/trashnet")
+    report.add_argument(
+        "--no-gradcam", action="store_true", help="skip Grad-CAM (it loads each fold's weights)"
+    )
+    report.set_defaults(func=cmd_report)
 
     plugins = sub.add_parser("plugins", help="list plugins and the components they provide")
     plugins.add_argument("--all", action="store_true", help="list every component (timm has many)")

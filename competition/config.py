@@ -170,14 +170,18 @@ class DataConfig:
     batch_size: int = 32
     eval_batch_size: int | None = None
     num_workers: int = 2
+    # training rows per epoch: a registered sampler (plugins/samplers.py) and its params
+    sampler: TransformSpec = field(default_factory=lambda: TransformSpec("instance_balanced"))
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The network: a backbone by name, its weights, head and fine-tuning strategy."""
 
-    backbone: str = "resnet18"
-    pretrained: str | None = None  # a weights file, or a named weights package; never the network
+    # a list of backbones (and of weights, one per backbone) is for baselines only: their
+    # embeddings are concatenated (competition.baseline); training takes one backbone
+    backbone: str | list[str] = "resnet18"
+    pretrained: str | list[str] | None = None  # a weights file or package; never the network
     pooling: Literal["avg", "gem"] = "avg"
     head: Literal["linear", "cosine"] = "linear"
     drop_rate: float = 0.0
@@ -185,6 +189,8 @@ class ModelConfig:
     last_n: int = 1  # stages trained with finetune=last_n
     backbone_lr_factor: float = 1.0  # backbone LR = head LR x factor
     channels_last: bool = True
+    # passed to timm.create_model, e.g. {img_size: 64} or {dynamic_img_size: true} for a ViT
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -242,8 +248,32 @@ class TuneConfig:
     params: list[str] = field(
         default_factory=lambda: ["optim.lr", "optim.weight_decay", "loss.params.label_smoothing"]
     )
-    pruner: Literal["median", "none"] = "median"
-    storage: str | None = None  # default: sqlite:///runs/<name>-study.db
+    # the YAML search space: {dotted.key: {float: [low, high], log: true} | {categorical: [...]}}
+    space: dict[str, Any] = field(default_factory=dict)
+    # stops a bad trial early; steps are numbered across folds and epochs
+    pruner: Literal["median", "successive_halving", "hyperband", "none"] = "median"
+    folds: list[int] | None = None  # score trials on these folds; the best then runs on all folds
+    # a journal file (x.journal), SQLite (x.db, sqlite:///x.db) or an RDB URL (postgresql+psycopg://)
+    storage: str | None = None  # default: runs/<study>-study.journal
+    study: str | None = None  # the study's name in its storage (default: name)
+    workers: int = 1  # worker processes on this machine, all on one study and one trial budget
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    """MLflow tracking (plugins/tracking.py): where runs are logged, under which experiment."""
+
+    tracking_uri: str | None = None  # default: sqlite:///<runs folder>/mlflow.db
+    experiment: str | None = None  # default: competition.name
+    artifact_location: str | None = None  # a new experiment's artifacts (default: beside the db)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment trackers fed by the event hooks; all off unless set."""
+
+    tensorboard: bool = False  # event files under runs/<name>/tensorboard
+    mlflow: MlflowConfig | None = None  # a mapping turns MLflow on ({} for the defaults)
 
 
 @dataclass(frozen=True)
@@ -263,7 +293,9 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     tta: list[TransformSpec] = field(default_factory=lambda: [TransformSpec("identity")])
+    tta_merge: Literal["mean_probs", "mean_logits"] = "mean_probs"  # how TTA views combine
     tune: TuneConfig = field(default_factory=TuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def data_root(self) -> Path:
         """The competition's data folder, resolved against the repo root."""
@@ -387,6 +419,7 @@ RANGES = [
     ("model.backbone_lr_factor", lambda v: v >= 0, "0 or more"),
     ("augment.mix_off_last_epochs", lambda v: v >= 0, "0 or more"),
     ("tune.trials", lambda v: v >= 1, "at least 1"),
+    ("tune.workers", lambda v: v >= 1, "at least 1"),
 ]
 
 
@@ -408,6 +441,19 @@ def check_ranges(config: Config) -> Config:
         if not ok(value):
             raise ConfigError(f"{key}: {value!r} must be {what}")
     return config
+
+
+def require_one_backbone(config: Config, verb: str) -> str:
+    """The one backbone ``verb`` builds; a list in ``model.backbone`` is for baselines only."""
+    backbone = config.model.backbone
+    if not isinstance(backbone, str):
+        raise ConfigError(
+            f"model.backbone={backbone}: {verb} builds one network; a list of backbones is for "
+            "frozen-feature baselines (competition baseline CONFIG --method linear). Set one "
+            "backbone (and one model.pretrained), train a run per backbone and blend the runs "
+            "with competition ensemble."
+        )
+    return backbone
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from competition.config import Config, replace
+from competition.config import Config, replace, require_one_backbone
 from competition.engine import FoldTrainer, load_checkpoint
 from competition.errors import ConfigError, DamagedFileError
 from competition.predict import predict_probs
@@ -33,8 +33,9 @@ from competition.runs import (
 from competition.workspace import Workspace
 
 
-def predict_splits(workspace: Workspace, model, fold: int, valid_index: np.ndarray):
-    """OOF probabilities of ``valid_index`` and of every test/holdout split, with TTA views."""
+def predict_splits(workspace: Workspace, model, fold: int, valid_index: np.ndarray, oof=None):
+    """OOF probabilities of ``valid_index`` (unless given) and of every test/holdout split, with
+    the TTA views merged as ``tta_merge`` says."""
     config = workspace.config
 
     def predict(loader, desc):
@@ -46,9 +47,11 @@ def predict_splits(workspace: Workspace, model, fold: int, valid_index: np.ndarr
             amp=config.amp and workspace.device.type == "cuda",
             channels_last=config.model.channels_last,
             desc=desc,
+            merge=config.tta_merge,
         )
 
-    oof = predict(workspace.loader("train", valid_index), f"fold {fold} OOF")
+    if oof is None:
+        oof = predict(workspace.loader("train", valid_index), f"fold {fold} OOF")
     splits = {s: predict(workspace.loader(s), f"fold {fold} {s}") for s in workspace.split_names()}
     return oof, splits
 
@@ -61,10 +64,10 @@ class TrainFold:
 
     def __call__(self, task: FoldTask) -> FoldPredictions:
         ws, config = self.workspace, self.workspace.config
-        fold, train_index, valid_index = task.fold, task.train_index, task.valid_index
+        fold, valid_index = task.fold, task.valid_index
         torch.manual_seed(config.seed + fold)
         targets = ws.targets
-        counts = np.bincount(targets[train_index], minlength=len(ws.classes)).tolist()
+        counts = self.class_counts(task)
         model = ws.create_model()
         trainer = FoldTrainer(
             fold,
@@ -82,12 +85,20 @@ class TrainFold:
             log=ws.log,
         )
         trained = trainer.fit(
-            ws.loader("train", train_index, train=True, seed=config.seed + fold),
-            ws.loader("train", valid_index),
-            targets[valid_index],
+            self.train_loader(task), ws.loader("train", valid_index), targets[valid_index]
         )
         oof, splits = predict_splits(ws, trainer.load_best(), fold, valid_index)
         return FoldPredictions(oof, splits, trained)
+
+    def class_counts(self, task: FoldTask) -> list[int]:
+        """Training images per class (what class-balanced losses see)."""
+        targets = self.workspace.targets[task.train_index]
+        return np.bincount(targets, minlength=len(self.workspace.classes)).tolist()
+
+    def train_loader(self, task: FoldTask):
+        """The fold's training batches; a subclass may add rows (:mod:`competition.pseudo`)."""
+        seed = self.workspace.config.seed + task.fold
+        return self.workspace.loader("train", task.train_index, train=True, seed=seed)
 
 
 def run_cv(
@@ -97,6 +108,7 @@ def run_cv(
 
     ``paths`` are :class:`~competition.runs.OutputDirs` fields (tests point them at a temp dir).
     """
+    require_one_backbone(config, "train")
     dirs = OutputDirs(**paths)
     workspace = Workspace(config, dirs.folds_dir, log)
     return produce_run(workspace, {"verb": "train"}, TrainFold(workspace), folds, dirs, after_fold)
@@ -108,6 +120,8 @@ def run_cv(
 PREDICT_KEYS = (
     "name",
     "tta",
+    "tta_merge",
+    "tracking",
     "device",
     "amp",
     "metric",
@@ -129,12 +143,24 @@ PREDICT_KEYS = (
 class PredictFold:
     """Producer: load fold ``k``'s best weights from the source run and predict with them."""
 
-    def __init__(self, workspace: Workspace, weights: RunRecord):
+    def __init__(self, workspace: Workspace, weights: RunRecord, oof: dict | None = None):
         self.workspace, self.weights = workspace, weights
+        self.oof = oof or {}  # fold -> OOF probabilities made already (by ``--tta auto``)
 
     def __call__(self, task: FoldTask) -> FoldPredictions:
-        ws, fold = self.workspace, task.fold
         started = time.perf_counter()
+        model = self.load_model(task.fold)
+        oof, splits = predict_splits(
+            self.workspace, model, task.fold, task.valid_index, self.oof.get(task.fold)
+        )
+        info = {"weights": run_reference(self.weights.path)}
+        return FoldPredictions(
+            oof, splits, FoldResult(task.fold, seconds=time.perf_counter() - started, info=info)
+        )
+
+    def load_model(self, fold: int) -> torch.nn.Module:
+        """Fold ``fold``'s best model of the weights run, on the workspace's device."""
+        ws = self.workspace
         path = self.weights.fold_dir(fold) / "best.pt"
         fix = (
             f"retrain fold {fold} of {self.weights.path}: rm -r {path.parent}, then run its "
@@ -149,11 +175,7 @@ class PredictFold:
                 f"{path} does not fit the model of {ws.config.name} ({str(exc)[:200]}): predict "
                 "uses the architecture the weights were trained with"
             ) from None
-        oof, splits = predict_splits(ws, model, fold, task.valid_index)
-        info = {"weights": run_reference(self.weights.path)}
-        return FoldPredictions(
-            oof, splits, FoldResult(fold, seconds=time.perf_counter() - started, info=info)
-        )
+        return model
 
 
 def derived_name(source: str, overrides: dict) -> str:
@@ -171,16 +193,21 @@ def predict_run(
     overrides: dict | None = None,
     name: str | None = None,
     log=print,
+    candidates: list | None = None,
     **paths,
 ) -> dict:
     """A new run predicted by ``run_dir``'s fold weights with ``overrides`` (e.g. other TTA).
 
     The new run's ``config.yaml`` holds its own settings and names the run whose weights it used;
-    the source run is not changed.
+    the source run is not changed. ``tta="auto"`` chooses the views on OOF among ``candidates``
+    (:mod:`competition.tta_select`).
     """
     overrides = dict(overrides or {})
+    auto = overrides.get("tta") == "auto"
+    if candidates is not None and not auto:
+        raise ConfigError("predict --candidates: only with --tta auto (it lists what auto tries)")
     source = RunRecord.open(run_dir)
-    if source.produced_by.get("verb") in ("baseline", "ensemble"):
+    if source.produced_by.get("verb") in ("baseline", "ensemble", "adjust", "decouple"):
         raise ConfigError(
             f"predict {run_dir}: a {source.produced_by['verb']} run has no fold weights to "
             "predict with; run its verb again with the new settings"
@@ -193,8 +220,10 @@ def predict_run(
             "for anything else."
         )
     weights = source.weights_run()
-    name = name or overrides.pop("name", None) or derived_name(source.name, overrides)
-    config = replace(source.config, {**overrides, "name": name})
+    named = {**overrides, **({"candidates": candidates} if candidates is not None else {})}
+    name = name or overrides.pop("name", None) or derived_name(source.name, named)
+    settings = {k: v for k, v in overrides.items() if not (auto and k == "tta")}
+    config = replace(source.config, {**settings, "name": name})
     dirs = OutputDirs(**{"runs_dir": Path(run_dir).parent, **paths})
     if (Path(dirs.runs_dir) / name).resolve() == Path(run_dir).resolve():
         raise ConfigError(f"predict --name {name}: that is the source run; choose another name")
@@ -205,9 +234,12 @@ def predict_run(
         "weights": run_reference(weights.path),
         "changed": overrides,
     }
-    return produce_run(
-        workspace, produced_by, PredictFold(workspace, weights), source.done_folds(), dirs
-    )
+    producer = PredictFold(workspace, weights)
+    if auto:
+        from competition.tta_select import auto_tta
+
+        producer = auto_tta(producer, source, candidates, produced_by, dirs)
+    return produce_run(producer.workspace, produced_by, producer, source.done_folds(), dirs)
 
 
 __all__ = ["PREDICT_KEYS", "PredictFold", "TrainFold", "derived_name", "predict_run", "run_cv"]

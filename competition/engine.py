@@ -220,6 +220,9 @@ class FoldTrainer:
     def _train_epoch(self, loader, scheduler, epoch: int) -> tuple[float, int]:
         self.model.train()
         epochs, mix_off = self.config.optim.epochs, self.config.augment.mix_off_last_epochs
+        for part in (self.loss_fn, getattr(loader, "sampler", None)):  # epoch-aware components
+            if callable(getattr(part, "set_epoch", None)):
+                part.set_epoch(epoch, epochs)
         augments = [
             a
             for a in self.batch_augments
@@ -234,7 +237,7 @@ class FoldTrainer:
         for step, (images, targets) in enumerate(bar):
             images = to_device(images, self.device, self.channels_last)
             targets = targets.to(self.device, non_blocking=True)
-            if augments:
+            if augments and targets.ndim == 1:  # soft rows (pseudo-labels) are mixed as they are
                 targets = F.one_hot(targets, self.num_classes).float()
                 for augment in augments:
                     images, targets = augment(images, targets)

@@ -54,7 +54,22 @@ def competition_register_losses():
 
     ``factory(num_classes, class_counts, **params) -> torch.nn.Module`` whose
     ``forward(logits, targets)`` accepts hard targets (LongTensor, (B,)) and soft targets (float,
-    (B, num_classes), rows summing to one) and returns a scalar.
+    (B, num_classes), rows summing to one) and returns a scalar. A loss that changes over
+    training (deferred re-weighting, ``ldam_drw``) offers ``set_epoch(epoch, epochs)``: the engine
+    calls it before each training epoch (``epoch`` from 0, of ``epochs``), resumed runs included.
+    """
+
+
+@hookspec
+def competition_register_samplers():
+    """Return ``{name: factory}`` of training samplers; ``data.sampler.name`` picks one.
+
+    ``factory(targets, num_classes, generator, **params) -> torch.utils.data.Sampler`` over the
+    fold's training rows: ``targets`` are their class indices (int numpy array, (N,)); iteration
+    yields indices in ``[0, N)``, ``len(sampler)`` of them (one epoch), drawn only from the
+    ``torch.Generator`` it is given (the loader re-seeds it every epoch, so a resumed run draws the
+    same order). A sampler may offer ``set_epoch(epoch, epochs)``, called before each training
+    epoch. :func:`competition.conformance.samplers.check_sampler` tests that contract.
     """
 
 
@@ -85,7 +100,9 @@ def competition_register_tta():
     """Return ``{name: factory}`` of test-time augmentation views.
 
     ``factory(**params) -> view``; ``view(images) -> images`` for float (B, 3, H, W) in [0, 1]
-    (the size may change for models with global pooling). Predictions are averaged over views.
+    (the size may change for models with global pooling). A group (``d4``, ``ten_crop``) returns a
+    list of views instead. Predictions are merged over the views as ``tta_merge`` says (mean of
+    probabilities or of logits); views that compare equal are predicted once.
     """
 
 

@@ -44,12 +44,17 @@ class SamplePipeline:
 
 
 class ImageDataset(Dataset):
-    """Items ``(uint8 HWC tensor, target)``; target is -1 for unlabelled images."""
+    """Items ``(uint8 HWC tensor, target)``; target is -1 for unlabelled images.
 
-    def __init__(self, images: np.ndarray, targets, transform: SamplePipeline | None):
+    With ``soft`` (float (N, K) rows summing to one, e.g. pseudo-labels) every target is its soft
+    row (a float32 tensor); ``targets`` stay the class indices (what samplers see).
+    """
+
+    def __init__(self, images: np.ndarray, targets, transform: SamplePipeline | None, soft=None):
         self.images = images
         self.targets = np.full(len(images), -1) if targets is None else np.asarray(targets)
         self.transform = transform
+        self.soft = None if soft is None else np.asarray(soft, dtype=np.float32)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -58,6 +63,8 @@ class ImageDataset(Dataset):
         image = np.array(self.images[index])  # a writable copy of the memory-mapped row
         if self.transform is not None:
             image = self.transform(image)
+        if self.soft is not None:
+            return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(self.soft[index])
         return torch.from_numpy(np.ascontiguousarray(image)), int(self.targets[index])
 
 
@@ -68,7 +75,10 @@ def collate_channels_last(items) -> tuple[torch.Tensor, torch.Tensor]:
     make the stack a slow transposing copy (and the device would transpose it back).
     """
     images = torch.stack([image for image, _ in items]).permute(0, 3, 1, 2)
-    return images, torch.tensor([target for _, target in items])
+    targets = [target for _, target in items]
+    if isinstance(targets[0], torch.Tensor):  # soft rows (B, K)
+        return images, torch.stack(targets)
+    return images, torch.tensor(targets)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -79,23 +89,35 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def make_loader(
-    dataset: ImageDataset, batch_size: int, train: bool, workers: int, seed: int, pin: bool = False
+    dataset: ImageDataset,
+    batch_size: int,
+    train: bool,
+    workers: int,
+    seed: int,
+    pin: bool = False,
+    sampler=None,
 ) -> DataLoader:
     """A loader that shuffles (and drops a ragged last batch) only for training.
 
+    ``sampler(generator) -> Sampler`` (training only) chooses the rows of an epoch from the
+    loader's generator (see ``competition_register_samplers``); without it training shuffles.
     Workers are started per epoch (not persistent) so :func:`reseed` makes every epoch's shuffle
     and augmentation a function of the seed alone: a resumed run repeats an uninterrupted one.
     """
+    generator = torch.Generator()
+    chosen = sampler(generator) if train and sampler is not None else None
+    n = len(chosen) if chosen is not None else len(dataset)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
-        drop_last=train and len(dataset) > batch_size,
+        shuffle=train and chosen is None,
+        sampler=chosen,
+        drop_last=train and n > batch_size,
         num_workers=workers,
         pin_memory=pin,
         worker_init_fn=_seed_worker,
         collate_fn=collate_channels_last,
-        generator=torch.Generator(),
+        generator=generator,
     )
     reseed(loader, seed)
     return loader

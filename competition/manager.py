@@ -29,6 +29,8 @@ DEFAULT_PLUGINS = (
     "plugins.search_space",
     "plugins.metrics",
     "plugins.pretrained",
+    "plugins.samplers",
+    "plugins.tracking",
 )
 
 #: Component kinds and the hook that registers each.
@@ -40,6 +42,7 @@ KINDS = {
     "tta": "competition_register_tta",
     "metrics": "competition_register_metrics",
     "weights": "competition_register_weights",
+    "samplers": "competition_register_samplers",
 }
 SINGULAR = {
     "backbones": "backbone",
@@ -49,6 +52,7 @@ SINGULAR = {
     "tta": "TTA view",
     "metrics": "metric",
     "weights": "weights package",
+    "samplers": "sampler",
 }
 
 

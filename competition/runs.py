@@ -16,7 +16,8 @@ On disk, every file written atomically::
                        training adds last.pt (resume), best.pt, log.csv
     oof.csv            id, fold, target (class name), target_index, one probability per class
     cv.json            metric, per-fold scores, mean, std, pooled OOF, folds done of k, LB
-    report.md          scores, per-class recall, confusion matrix
+    report.md          scores, curves, recall by frequency, confusions, calibration: figures in
+                       report_*.png (competition.report builds them, write_report writes them)
     .lock, .lock.json  held by the process writing the run (an OS lock: a crash releases it)
 
 and ``submissions/<name>.csv`` (``<name>.partial.csv`` while folds are missing).
@@ -52,10 +53,16 @@ from competition.config import (
 )
 from competition.errors import CompetitionError, ConfigError, DataError, DivergenceError
 from competition.folds import FOLDS_DIR
-from competition.io import remove_orphan_temporaries, save_numpy, write_csv, write_json, write_text
+from competition.io import (
+    atomic_path,
+    remove_orphan_temporaries,
+    save_numpy,
+    write_csv,
+    write_json,
+    write_text,
+)
 from competition.manager import get_plugin_manager
 from competition.metrics import cv_scores, get_metric
-from competition.report import write_report
 from competition.submission import write_submission
 
 RUNS_DIR = REPO_ROOT / "runs"
@@ -451,6 +458,35 @@ class RunRecord:
         source = self.produced_by.get("weights")
         return RunRecord.open(resolve_reference(source)) if source else self
 
+    def write_report(self, competition, cv=None, oof=None, explain=None) -> Path:
+        """``report.md`` and its figures ``report_*.png``, built by
+        :func:`competition.report.build_report`; figures of an older report are removed.
+
+        ``competition`` gives training frequencies, thumbnails and holdout labels (``None``: the
+        report does without); ``explain`` adds Grad-CAM. Holds the run's lock while it works
+        (taken here when the caller does not hold it). Returns the path of ``report.md``.
+        """
+        from competition.report import build_report  # matplotlib loads only when reporting
+
+        owned = self._lock is None
+        if owned:
+            self._acquire_lock()
+        try:
+            cv = self.cv() if cv is None else cv
+            oof = self.oof() if oof is None else oof
+            report = build_report(self, competition, cv, oof, explain)
+            for name, png in report.figures.items():
+                with atomic_path(self.path / name) as tmp:
+                    tmp.write_bytes(png)
+            for old in self.path.glob("report_*.png"):
+                if old.name not in report.figures:
+                    old.unlink()
+            write_text(self.path / "report.md", report.text)
+        finally:
+            if owned:
+                self.release()
+        return self.path / "report.md"
+
     def finish(self, workspace) -> dict:
         """OOF table, ``cv.json``, report, submission and ``competition_run_end``, once."""
         done = self.done_folds()
@@ -486,7 +522,7 @@ class RunRecord:
             if cv["complete"]:
                 (submissions / f"{self.name}.partial.csv").unlink(missing_ok=True)
             cv["submission"] = str(path)
-        write_report(self.path, cv, oof, classes)
+        self.write_report(competition, cv, oof)
         write_json(cv_path, cv)
         get_plugin_manager().hook.competition_run_end(run_dir=self.path, cv=cv)
         return cv
@@ -569,6 +605,18 @@ def write_audit(audit, competition_name: str, dirs: OutputDirs = OutputDirs()) -
     return path
 
 
+def cv_gain(before: dict, after: dict) -> dict:
+    """``after``'s CV minus ``before``'s (two ``cv.json`` dicts), on the folds both finished."""
+    first = dict(zip(before["folds_done"], before["folds"], strict=True))
+    second = dict(zip(after["folds_done"], after["folds"], strict=True))
+    common = sorted(first.keys() & second.keys())
+    if not common:
+        return {"folds": [], "before": None, "after": None, "gain": None}
+    a = float(np.mean([first[k] for k in common]))
+    b = float(np.mean([second[k] for k in common]))
+    return {"folds": common, "before": a, "after": b, "gain": b - a}
+
+
 def summary_table(cv: dict) -> str:
     """A short text table of a run's scores; says so when folds are missing."""
     lines = [f"{'fold':>6}  {cv['metric']:>10}"]
@@ -598,6 +646,7 @@ __all__ = [
     "OutputDirs",
     "RunLockedError",
     "RunRecord",
+    "cv_gain",
     "environment",
     "produce_run",
     "read_oof",

@@ -3,6 +3,7 @@ plugins, the device and the components the config names (model, loss, batch augm
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -97,8 +98,12 @@ class Workspace:
             )
         return self._images[split]
 
-    def loader(self, split: str, index=None, train: bool = False, seed: int = 0):
-        """Batches of ``split`` (rows ``index``): training transforms when ``train``, else eval."""
+    def loader(self, split: str, index=None, train: bool = False, seed: int = 0, extra=None):
+        """Batches of ``split`` (rows ``index``): training transforms when ``train``, else eval.
+
+        ``extra`` (:class:`ExtraRows`) appends images of another split with given targets
+        (pseudo-labels); soft targets make every row's target a soft row.
+        """
         data = self.config.data
         table = getattr(self.competition, split)
         images = self.images(split)
@@ -106,6 +111,10 @@ class Workspace:
         if index is not None:
             images = _Subset(images, index)
             targets = None if targets is None else targets[index]
+        soft = None
+        if extra is not None:
+            images = _Concat(images, _Subset(self.images(extra.split), extra.index))
+            targets, soft = extra.join(targets, len(self.classes))
         specs, size, key = (
             (self.config.augment.train, data.image_size, "augment.train")
             if train
@@ -113,10 +122,18 @@ class Workspace:
         )
         pipeline = SamplePipeline(specs, size, key, self.pm)
         pipeline(np.array(images[0]))  # fail here, not in a worker, if the output size is wrong
-        dataset = ImageDataset(images, targets, pipeline)
+        dataset = ImageDataset(images, targets, pipeline, soft)
         batch = data.batch_size if train else (data.eval_batch_size or data.batch_size * 2)
+        sampler = None
+        if train and targets is not None:
+            factory = resolve("samplers", data.sampler.name, "data.sampler.name", self.pm)
+            num_classes, params = len(self.classes), data.sampler.params
+
+            def sampler(generator):
+                return factory(targets, num_classes, generator, **params)
+
         return make_loader(
-            dataset, batch, train, data.num_workers, seed, pin=self.device.type == "cuda"
+            dataset, batch, train, data.num_workers, seed, self.device.type == "cuda", sampler
         )
 
     # -- components -------------------------------------------------------------------------------
@@ -147,6 +164,39 @@ class Workspace:
         return augments
 
 
+@dataclass(frozen=True)
+class ExtraRows:
+    """Images of ``split`` (rows ``index``) added to a loader's rows with ``targets``: class
+    indices (M,) or soft rows (M, K) summing to one (pseudo-labels, :mod:`competition.pseudo`)."""
+
+    split: str
+    index: np.ndarray
+    targets: np.ndarray
+
+    def join(self, targets: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Class indices of all rows (what samplers see), and soft rows of all rows or ``None``."""
+        extra = np.asarray(self.targets)
+        if extra.ndim == 1:
+            return np.concatenate([targets, extra]), None
+        hard = np.concatenate([targets, extra.argmax(1)])
+        soft = np.concatenate([np.eye(num_classes, dtype=np.float32)[targets], extra])
+        return hard, soft.astype(np.float32)
+
+
+class _Concat:
+    """Two arrays one after the other, read lazily."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.second)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        n = len(self.first)
+        return self.first[i] if i < n else self.second[i - n]
+
+
 class _Subset:
     """Rows ``index`` of an array, read lazily (keeps the memory map)."""
 
@@ -160,4 +210,4 @@ class _Subset:
         return self.array[self.index[i]]
 
 
-__all__ = ["Workspace"]
+__all__ = ["ExtraRows", "Workspace"]

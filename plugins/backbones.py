@@ -12,6 +12,10 @@ Fine-tuning strategies (``model.finetune``): ``full`` trains everything (the bac
 ``backbone_lr_factor`` x the head's LR), ``last_n`` trains the last ``last_n`` stages, what follows
 them and the head, ``head`` trains the head only (a linear probe). Frozen parts keep their
 batch-norm statistics: their BN layers stay in eval mode even in ``model.train()``.
+
+``model.kwargs`` go to ``timm.create_model``: ``img_size`` builds a ViT (Dosovitskiy et al. 2021)
+for another input size, ``dynamic_img_size`` lets it take any size (position embeddings
+interpolated), ``drop_path_rate`` sets stochastic depth (Huang et al. 2016).
 """
 
 from __future__ import annotations
@@ -26,10 +30,13 @@ from timm.data import resolve_data_config
 from torch import nn
 
 from competition import hookimpl
-from competition.config import ModelConfig
+from competition.config import ModelConfig, require_one_backbone
 from competition.errors import ConfigError
 from competition.manager import resolve
 from plugins.pretrained import load_pretrained
+
+#: ``timm.create_model`` arguments the template sets itself; ``model.kwargs`` may not.
+RESERVED_KWARGS = frozenset({"pretrained", "num_classes", "global_pool", "model_name"})
 
 
 class GeM(nn.Module):
@@ -83,16 +90,32 @@ class Classifier(nn.Module):
         super().__init__()
         self.name = name
         self.config = config
+        reserved = sorted(RESERVED_KWARGS & set(config.kwargs))
+        if reserved:
+            raise ConfigError(
+                f"model.kwargs: {', '.join(reserved)} are set by the template (pretrained weights "
+                "come from model.pretrained, the head from model.head); remove them"
+            )
         try:
-            self.backbone = timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
+            self.backbone = timm.create_model(
+                name, pretrained=False, num_classes=0, global_pool="", **config.kwargs
+            )
         except Exception as exc:
-            raise ConfigError(f"model.backbone={name}: timm cannot build it: {exc}") from exc
+            given = f" with model.kwargs={config.kwargs}" if config.kwargs else ""
+            raise ConfigError(
+                f"model.backbone={name}: timm cannot build it{given}: {exc}. model.kwargs must be "
+                "arguments of this timm model's constructor (e.g. img_size, drop_path_rate)"
+            ) from exc
         if config.pretrained:
             load_pretrained(self.backbone, config.pretrained)
         cfg = resolve_data_config({}, model=self.backbone)
         self.data_config = {
             k: cfg[k] for k in ("mean", "std", "input_size", "crop_pct", "interpolation")
         }
+        size = config.kwargs.get("img_size")  # the size it was built for, not its weights' size
+        if size is not None:
+            size = tuple(size) if isinstance(size, list | tuple) else (size, size)
+            self.data_config["input_size"] = (3, *size)
         self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
 
@@ -187,7 +210,16 @@ class Classifier(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features (B, D) of images in [0, 1], before dropout and head."""
         x = (x - self.mean) / self.std
-        return self._pool(self.backbone.forward_features(x))
+        try:
+            features = self.backbone.forward_features(x)
+        except AssertionError as exc:  # timm's fixed-size models: "Input height (64) doesn't match"
+            size = tuple(x.shape[-2:])
+            raise ConfigError(
+                f"model.backbone={self.name} does not take {size[0]}x{size[1]} px images ({exc}). "
+                f"Build it for this size: model.kwargs={{img_size: {size[0]}}}, or "
+                "model.kwargs={dynamic_img_size: true} for a ViT that takes any size"
+            ) from exc
+        return self._pool(features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.embed(x)))
@@ -226,5 +258,5 @@ def competition_register_backbones():
 
 @hookimpl(trylast=True)
 def competition_create_model(config, num_classes):
-    factory = resolve("backbones", config.model.backbone, "model.backbone")
+    factory = resolve("backbones", require_one_backbone(config, "a model"), "model.backbone")
     return factory(config.model, num_classes)

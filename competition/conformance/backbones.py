@@ -11,9 +11,10 @@ from competition.config import ModelConfig
 def check_backbone(factory, model_config: ModelConfig | None = None, num_classes: int = 5, size=32):
     """Assert what the engine relies on; returns the built model.
 
-    The module takes float images in [0, 1] (B, 3, H, W) and returns finite logits (B, K); it is
-    deterministic in eval mode, trains (gradients reach trainable parameters), and its optional
-    interfaces (``param_groups``, ``data_config``, ``embed``, ``stages``) are well-formed.
+    The module takes float images in [0, 1] (B, 3, H, W) of ``size`` px and returns finite logits
+    (B, K); it is deterministic in eval mode, trains (gradients reach trainable parameters), and
+    its optional interfaces (``param_groups``, ``data_config``, ``embed``, ``stages``) are
+    well-formed. ``model_config.kwargs`` reach the model (``img_size`` shows in ``data_config``).
     """
     model_config = model_config or ModelConfig()
     model = factory(model_config, num_classes)
@@ -22,7 +23,13 @@ def check_backbone(factory, model_config: ModelConfig | None = None, num_classes
     images = torch.rand(2, 3, size, size)
     model.eval()
     with torch.no_grad():
-        logits = model(images)
+        try:
+            logits = model(images)
+        except Exception as exc:
+            raise AssertionError(
+                f"the backbone does not run on {size}x{size} px images ({exc}); a model built for "
+                "a fixed input size needs model.kwargs (e.g. img_size or dynamic_img_size)"
+            ) from exc
         again = model(images)
     assert logits.shape == (2, num_classes), f"logits {tuple(logits.shape)} != (2, {num_classes})"
     assert torch.isfinite(logits).all(), "logits are not finite"
@@ -48,6 +55,13 @@ def check_backbone(factory, model_config: ModelConfig | None = None, num_classes
         config = model.data_config
         assert len(config["mean"]) == 3 and len(config["std"]) == 3
         assert all(s > 0 for s in config["std"])
+        wanted = model_config.kwargs.get("img_size")
+        if wanted is not None:  # inference outside the template reads it
+            wanted = tuple(wanted) if isinstance(wanted, list | tuple) else (wanted, wanted)
+            assert tuple(config["input_size"][-2:]) == wanted, (
+                f"model.kwargs img_size={wanted} but data_config input_size is "
+                f"{config['input_size']}: the kwargs did not reach the model"
+            )
     if hasattr(model, "embed"):
         model.eval()
         with torch.no_grad():
