@@ -498,6 +498,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{where}{exc}") from None
 
 
+def flat_keys(data: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"optim.lr": 0.001, ...}``: a nested config dict as dotted keys (empty sections kept)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def replace(config: Config, overrides: dict[str, Any]) -> Config:
     """A copy of ``config`` with ``{"dotted.key": value}`` applied and validated."""
     data = config.to_dict()

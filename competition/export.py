@@ -34,7 +34,7 @@ from competition.engine import load_checkpoint
 from competition.errors import CompetitionError, ConfigError, DataError
 from competition.io import write_json, write_text
 from competition.manager import components, get_plugin_manager, resolve
-from competition.runs import RUNS_DIR, RunRecord, resolve_reference
+from competition.runs import RUNS_DIR, RunRecord, package_versions, resolve_reference
 
 BUNDLE_FORMAT = "competition-bundle/1"
 #: Verbs whose runs predict with the fold weights of ``weights_run()`` and the run's own config.
@@ -468,14 +468,7 @@ def export(
 
 
 def _manifest(comp: dict, classes: list[str], models: list[dict], groups: list[dict]) -> dict:
-    from importlib import metadata
-
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
+    versions = package_versions(PACKAGES)
     return {
         "format": BUNDLE_FORMAT,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),

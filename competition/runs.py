@@ -48,6 +48,7 @@ from competition.config import (
     build,
     check_ranges,
     dump_yaml,
+    flat_keys,
     load_yaml,
     plain_name,
 )
@@ -116,14 +117,20 @@ class FoldPredictions:
     result: FoldResult
 
 
-def environment() -> dict:
-    """Package versions, git commit and CPU threads, saved beside each run's config."""
+def package_versions(names=PACKAGES) -> dict[str, str | None]:
+    """The installed version of each distribution in ``names`` (``None`` where missing)."""
     versions = {}
-    for name in PACKAGES:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
+    return versions
+
+
+def environment() -> dict:
+    """Package versions, git commit and CPU threads, saved beside each run's config."""
+    versions = package_versions()
     try:
         git = {"cwd": REPO_ROOT, "capture_output": True, "text": True, "timeout": 10}
         commit = subprocess.run(["git", "rev-parse", "HEAD"], **git).stdout.strip()
@@ -153,19 +160,9 @@ def resolve_reference(reference: str) -> Path:
     return (REPO_ROOT / reference).resolve()
 
 
-def _flat(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def config_difference(old: dict, new: dict, limit: int = 6) -> str:
     """``optim.lr: 0.001 -> 0.1, ...``: the keys two configs disagree on."""
-    a, b = _flat(old), _flat(new)
+    a, b = flat_keys(old), flat_keys(new)
     keys = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
     shown = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:limit]]
     return ", ".join(shown) + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")

@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 from competition import hookimpl
+from competition.config import flat_keys
 from competition.errors import PluginError
 
 EXTRAS = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
@@ -34,16 +35,6 @@ def _require(tracker: str, module: str):
             f"pip install 'competition-template[{EXTRAS[tracker]}]' (or set "
             f"tracking.{tracker} off)"
         ) from None
-
-
-def _flat(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _numbers(row: dict) -> dict[str, float]:
@@ -69,7 +60,7 @@ class TensorBoardSession:
         module = _require("tensorboard", "torch.utils.tensorboard")
         _require("tensorboard", "tensorboard")
         self.writer = module.SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        params = json.dumps(_flat(config.to_dict()), indent=1, default=str)
+        params = json.dumps(flat_keys(config.to_dict()), indent=1, default=str)
         self.writer.add_text("config", f"```\n{params}\n```")
 
     def epoch(self, fold: int, step: int, metrics: dict) -> None:
@@ -130,7 +121,7 @@ class MlflowSession:
         self.run_id = run.info.run_id
         params = [
             mlflow.entities.Param(k, json.dumps(v, default=str) if not isinstance(v, str) else v)
-            for k, v in _flat(config.to_dict()).items()
+            for k, v in flat_keys(config.to_dict()).items()
         ]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
             self.client.log_batch(self.run_id, params=params[start : start + 100])
