@@ -121,21 +121,18 @@ def cmd_predict(args) -> None:
     print(summary_table(cv))
 
 
+def _options(cls, args, fields: tuple[str, ...]):
+    """``cls`` built from the flags the user gave; a flag left out (``None``) keeps its default."""
+    return cls(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
+
+
 def cmd_baseline(args) -> None:
     from competition.baseline import BaselineOptions, run_baseline
     from competition.config import load_config
     from competition.runs import summary_table
 
-    given = {
-        "method": args.method,
-        "k": args.k,
-        "temperature": args.temperature,
-        "norm": args.norm,
-        "pca_dim": args.pca_dim,
-        "C": args.C,
-        "hflip": args.hflip,
-    }
-    options = BaselineOptions(**{key: value for key, value in given.items() if value is not None})
+    fields = ("method", "k", "temperature", "norm", "pca_dim", "C", "hflip")
+    options = _options(BaselineOptions, args, fields)
     cv = run_baseline(load_config(args.config, args.overrides), options, folds=args.folds)
     print(summary_table(cv))
     if "lb_full" in cv:
@@ -208,14 +205,8 @@ def cmd_decouple(args) -> None:
     from competition.decouple import DecoupleOptions, decouple_run
     from competition.runs import summary_table
 
-    given = {
-        "method": args.method,
-        "epochs": args.epochs,
-        "lr": args.lr,
-        "select": args.select,
-        "inner_fraction": args.inner_fraction,
-    }
-    options = DecoupleOptions(**{key: value for key, value in given.items() if value is not None})
+    fields = ("method", "epochs", "lr", "select", "inner_fraction")
+    options = _options(DecoupleOptions, args, fields)
     cv = decouple_run(Path(args.run_dir), options, name=args.name, folds=args.folds)
     print(summary_table(cv))
 
