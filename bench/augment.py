@@ -204,7 +204,7 @@ def bench(args, cuda: bool, steps: int, aug_reps: int, tmp: Path) -> None:
             "loader_images": args.loader_images,
             "cache_images": args.cache_images,
             "train_steps": steps,
-            "amp": config.amp and device.type == "cuda",
+            "amp": config.amp,
             "channels_last": config.model.channels_last,
         },
     }

@@ -393,14 +393,13 @@ def embedding_key(run: Workspace, split: str, view: str, config: Config | None =
 @torch.inference_mode()
 def extract(run: Workspace, model: torch.nn.Module, split: str, views: list[str]) -> dict:
     """Embeddings (N, D) float32 of ``split`` for each view (``identity``, ``hflip``)."""
-    amp = run.config.amp and run.device.type == "cuda"
     channels_last = run.config.model.channels_last
     chunks: dict[str, list] = {view: [] for view in views}
     for images, _ in progress(run.loader(split), desc=f"embed {split}", unit="batch"):
         images = to_device(images, run.device, channels_last)
         for view in views:
             x = images.flip(3) if view == "hflip" else images
-            with autocast(run.device, amp):
+            with autocast(run.device, run.config.amp):
                 chunks[view].append(model.embed(x).float().cpu())
     return {view: torch.cat(c).numpy().astype(np.float32) for view, c in chunks.items()}
 

@@ -189,6 +189,10 @@ class ModelConfig:
     last_n: int = 1  # stages trained with finetune=last_n
     backbone_lr_factor: float = 1.0  # backbone LR = head LR x factor
     channels_last: bool = True
+    # torch.compile the network for training and inference (falls back to eager with a message
+    # where the backend cannot compile, e.g. inductor without a C++ compiler)
+    compile: bool = False
+    compile_backend: str = "inductor"  # a torch.compile backend: inductor, aot_eager, eager...
     # passed to timm.create_model, e.g. {img_size: 64} or {dynamic_img_size: true} for a ViT
     kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -277,13 +281,23 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class InferenceConfig:
+    """How OOF, test and embedding forwards run (competition.runtime); results equal eager's."""
+
+    # auto: the fastest runtime that is installed and proven equal on this model; eager: plain
+    # PyTorch; compile: torch.compile; onnxruntime: the optional extra (pip install .[onnx])
+    runtime: Literal["auto", "eager", "compile", "onnxruntime"] = "auto"
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run."""
 
     name: str = "run"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
-    amp: bool = True  # bf16/fp16 autocast on GPU
+    # autocast: true = bf16 (fp16 on older GPUs) on GPU, off on CPU; bf16 = bf16 on GPU and CPU
+    amp: bool | Literal["bf16", "fp16"] = True
     metric: str = "accuracy"
     competition: CompetitionConfig = field(default_factory=CompetitionConfig)
     folds: FoldsConfig = field(default_factory=FoldsConfig)
@@ -296,6 +310,7 @@ class Config:
     tta_merge: Literal["mean_probs", "mean_logits"] = "mean_probs"  # how TTA views combine
     tune: TuneConfig = field(default_factory=TuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
 
     def data_root(self) -> Path:
         """The competition's data folder, resolved against the repo root."""

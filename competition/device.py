@@ -1,4 +1,5 @@
-"""The device a run uses: selection, bf16/fp16 autocast, uint8 host batches to float on device."""
+"""The device a run uses: selection, bf16/fp16 autocast (GPU, or bf16 on CPU), uint8 host batches
+to float on the device."""
 
 from __future__ import annotations
 
@@ -44,12 +45,37 @@ def bf16_supported() -> bool:
         return torch.cuda.is_bf16_supported()
 
 
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on GPUs that support it, else fp16; nothing on CPU."""
-    if not enabled or device.type != "cuda":
+def amp_dtype(device: torch.device, amp: bool | str) -> torch.dtype | None:
+    """The autocast dtype the config key ``amp`` means on ``device`` (``None``: full precision).
+
+    ``true``: bf16 on GPUs that support it, else fp16, nothing on CPU; ``bf16``: bf16 on any
+    device, the CPU included (oneDNN runs bf16 matmuls and convolutions natively on AVX-512-BF16
+    and AMX cores, and emulates them elsewhere); ``fp16``: fp16 on CUDA only; ``false``: off.
+    """
+    if amp is True:
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if bf16_supported() else torch.float16
+    if amp == "bf16":
+        return torch.bfloat16 if device.type in ("cuda", "cpu") else None
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ConfigError(f"amp=fp16: fp16 autocast is for CUDA, not {device.type}; use bf16")
+        return torch.float16
+    return None
+
+
+def autocast(device: torch.device, amp: bool | str):
+    """Autocast as the config key ``amp`` says on ``device`` (see :func:`amp_dtype`)."""
+    dtype = amp_dtype(device, amp)
+    if dtype is None:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def needs_grad_scaler(device: torch.device, amp: bool | str) -> bool:
+    """fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none."""
+    return amp_dtype(device, amp) is torch.float16
 
 
 def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:

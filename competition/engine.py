@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from competition.config import Config, OptimConfig
-from competition.device import autocast, bf16_supported, to_device
+from competition.device import amp_dtype, autocast, needs_grad_scaler, to_device
 from competition.errors import ConfigError, DamagedFileError, DivergenceError
 from competition.io import load_torch, save_torch, write_csv
 from competition.loaders import reseed
@@ -141,7 +141,7 @@ class FoldTrainer:
         self.device = device
         self.num_classes = num_classes
         self.channels_last = config.model.channels_last
-        self.amp = config.amp and device.type == "cuda"
+        self.amp = config.amp
         self.model = model.to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -157,8 +157,7 @@ class FoldTrainer:
                 multi_avg_fn=get_ema_multi_avg_fn(config.optim.ema_decay),
                 use_buffers=True,
             )
-        fp16 = self.amp and not bf16_supported()
-        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, self.amp))
         self._saved_epoch: int | None = None  # the epoch (0-based) last.pt holds
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -284,7 +283,7 @@ class FoldTrainer:
             fixes.append(f"lower optim.grad_clip (now {optim.grad_clip:g})")
         else:
             fixes.append("set optim.grad_clip (e.g. optim.grad_clip=1.0)")
-        if self.amp:
+        if amp_dtype(self.device, self.amp) is not None:
             fixes.append("turn mixed precision off (amp=false)")
         if self._saved_epoch is None:
             kept = f"none yet (no epoch of fold {self.fold} finished)"

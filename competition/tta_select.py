@@ -188,7 +188,7 @@ def select_tta(
             ws.loader("train", valid_index),
             ws.device,
             views,
-            amp=config.amp and ws.device.type == "cuda",
+            amp=config.amp,
             channels_last=config.model.channels_last,
             desc=f"fold {fold} TTA candidates",
         )

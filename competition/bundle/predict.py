@@ -234,8 +234,13 @@ def make_view(view: dict):
     raise BundleError(f"bundle.json: TTA view {view!r} is unknown to this script")
 
 
-def autocast(device: torch.device, enabled: bool):
-    if not enabled or device.type != "cuda":
+def autocast(device: torch.device, amp):
+    """The run's ``amp``: true = bf16 (fp16 on older GPUs) on CUDA only; "bf16" also on CPU."""
+    if amp == "bf16" and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if amp == "fp16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    if amp is not True or device.type != "cuda":
         return torch.autocast("cpu", enabled=False)
     try:
         bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
