@@ -71,14 +71,25 @@ def pd_options():
     return pd.option_context("display.max_rows", 60, "display.width", 160)
 
 
-def cmd_train(args) -> None:
+def cmd_train(args) -> int | None:
+    from competition import distributed
     from competition.config import load_config
     from competition.cv import run_cv
     from competition.runs import summary_table
 
-    config = load_config(args.config, args.overrides)
-    cv = run_cv(config, folds=args.folds)
-    print(summary_table(cv))
+    config = load_config(args.config, args.overrides)  # errors here, before any process starts
+    if args.nproc is not None and args.nproc > 1 and not distributed.launched():
+        argv = ["train", args.config, *args.overrides]
+        if args.folds is not None:
+            argv += ["--folds", ",".join(map(str, args.folds))]
+        return distributed.launch(args.nproc, argv)
+    try:
+        cv = run_cv(config, folds=args.folds)
+    finally:
+        distributed.teardown()
+    if distributed.is_main():
+        print(summary_table(cv))
+    return None
 
 
 def _flat_overrides(items: list[str]) -> dict:
@@ -292,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="config overrides, e.g. optim.lr=0.01 name=exp2"
     )
     train.add_argument("--folds", type=_folds_arg, default=None, help="only these folds, e.g. 0,2")
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="data-parallel processes (one per GPU, or CPU processes with gloo): runs "
+        "torchrun --nproc-per-node N -m competition train ...; data.batch_size stays the global "
+        "batch",
+    )
     train.set_defaults(func=cmd_train)
 
     predict = sub.add_parser(
@@ -485,7 +504,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from competition import distributed
+
     args = parse(argv)
+    if distributed.launched() and args.func is not cmd_train:
+        print(
+            "error: under torchrun only `competition train` runs data-parallel; run the other "
+            "verbs as one process",
+            file=sys.stderr,
+        )
+        return 2
     try:
         status = args.func(args)
     except CompetitionError as exc:

@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from competition import distributed
 from competition.config import Config, replace, require_one_backbone
+from competition.device import select_device
 from competition.engine import FoldTrainer, load_checkpoint
 from competition.errors import ConfigError, DamagedFileError
 from competition.predict import predict_probs
@@ -38,16 +40,18 @@ def predict_splits(workspace: Workspace, model, fold: int, valid_index: np.ndarr
     the TTA views merged as ``tta_merge`` says."""
     config = workspace.config
 
-    def predict(loader, desc):
-        return predict_probs(
-            model,
-            loader,
-            workspace.device,
-            workspace.views,
-            amp=config.amp,
-            channels_last=config.model.channels_last,
-            desc=desc,
-            merge=config.tta_merge,
+    def predict(loader, desc):  # under torchrun: this process's shard, then all shards in order
+        return distributed.gather_rows(
+            predict_probs(
+                model,
+                loader,
+                workspace.device,
+                workspace.views,
+                amp=config.amp,
+                channels_last=config.model.channels_last,
+                desc=desc,
+                merge=config.tta_merge,
+            )
         )
 
     if oof is None:
@@ -68,7 +72,8 @@ class TrainFold:
         torch.manual_seed(config.seed + fold)
         targets = ws.targets
         counts = self.class_counts(task)
-        model = ws.create_model()
+        model = ws.create_model()  # the same initial weights in every process
+        torch.manual_seed(config.seed + fold + 7_919 * distributed.rank())  # own dropout, mixup
         trainer = FoldTrainer(
             fold,
             model,
@@ -110,8 +115,19 @@ def run_cv(
     """
     require_one_backbone(config, "train")
     dirs = OutputDirs(**paths)
-    workspace = Workspace(config, dirs.folds_dir, log)
+    if distributed.launched():  # under torchrun: join the process group; one process reports
+        distributed.setup(select_device(config.device))
+        log = log if distributed.is_main() else _quiet
+    with distributed.main_first():  # rank 0 writes the folds and the image caches
+        workspace = Workspace(config, dirs.folds_dir, log)
+        if distributed.active() and distributed.is_main():
+            for split in ("train", *workspace.split_names()):
+                workspace.images(split)
     return produce_run(workspace, {"verb": "train"}, TrainFold(workspace), folds, dirs, after_fold)
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of processes other than rank 0 under torchrun."""
 
 
 # -- predict: a new run from another run's fold weights ------------------------------------------

@@ -3,8 +3,11 @@
 The engine knows no specific model, augmentation or loss: it gets them built from plugins. Recipe:
 SGD with momentum or AdamW without weight decay on norm and bias parameters, cosine schedule with
 linear warm-up (Loshchilov & Hutter 2017; Goyal et al. 2017), optional EMA of weights
-(Polyak & Juditsky 1992), autocast and channels_last on GPU. ``last.pt`` is written atomically every
-epoch so a killed run resumes where it stopped; ``best.pt`` keeps the best epoch by the metric.
+(Polyak & Juditsky 1992), autocast (bf16 also on CPU) and channels_last, optional torch.compile.
+``last.pt`` is written atomically every epoch so a killed run resumes where it stopped;
+``best.pt`` keeps the best epoch by the metric. Under torchrun the model is wrapped in
+DistributedDataParallel (SyncBatchNorm on GPUs) and rank 0 alone writes
+(:mod:`competition.distributed`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from competition import distributed
 from competition.config import Config, OptimConfig
 from competition.device import amp_dtype, autocast, needs_grad_scaler, to_device
 from competition.errors import ConfigError, DamagedFileError, DivergenceError
@@ -142,13 +146,25 @@ class FoldTrainer:
         self.num_classes = num_classes
         self.channels_last = config.model.channels_last
         self.amp = config.amp
+        if distributed.active() and device.type == "cuda":  # batch statistics over all GPUs
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.train_model = self.model  # what training steps call: DDP-wrapped and/or compiled
+        if distributed.active():
+            ids = [device.index] if device.type == "cuda" else None
+            # static graph: the same parameters take part in every step, and a backbone may hold
+            # some that never do (timm's unused classifier norms), which plain DDP refuses
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=ids, static_graph=True
+            )
         self.loss_fn = loss_fn.to(device)
         self.batch_augments = batch_augments
         self.on_epoch_end = on_epoch_end
         self.log = log
+        self._compiled = self._compile(self.train_model) if config.model.compile else None
+        self._compiled_ran = False
         self.optimizer = make_optimizer(self.model, config.optim)
         self.ema = None
         if config.optim.ema_decay:
@@ -160,6 +176,43 @@ class FoldTrainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, self.amp))
         self._saved_epoch: int | None = None  # the epoch (0-based) last.pt holds
 
+    # -- torch.compile ----------------------------------------------------------------------------
+
+    def _compile(self, module: torch.nn.Module):
+        """``torch.compile(module)``; ``None`` (train eagerly, with a message) if it cannot."""
+        backend = self.config.model.compile_backend
+        try:
+            return torch.compile(module, backend=backend)
+        except Exception as exc:  # an unknown backend fails here; a missing compiler at 1st call
+            self._compile_failed(exc)
+            return None
+
+    def _compile_failed(self, exc: BaseException) -> None:
+        backend = self.config.model.compile_backend
+        hint = ""
+        if backend == "inductor":
+            hint = " (inductor needs a C++ compiler on CPU, triton on GPU)"
+        self.log(
+            f"model.compile: torch.compile with backend {backend!r} failed{hint}: {_cause(exc)}. "
+            "Training eagerly; set model.compile=false to skip the attempt, or "
+            "model.compile_backend=aot_eager."
+        )
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The training forward: compiled if ``model.compile`` and it compiles, else eager."""
+        if self._compiled is None:
+            return self.train_model(images)
+        if self._compiled_ran:
+            return self._compiled(images)
+        try:  # the first call compiles: a missing backend or compiler fails here
+            logits = self._compiled(images)
+        except Exception as exc:
+            self._compile_failed(exc)
+            self._compiled = None
+            return self.train_model(images)
+        self._compiled_ran = True
+        return logits
+
     # -- checkpoints ------------------------------------------------------------------------------
 
     def _eval_model(self) -> torch.nn.Module:
@@ -168,6 +221,10 @@ class FoldTrainer:
     def _save_last(
         self, scheduler, epoch: int, best: float | None, best_epoch: int, history
     ) -> None:
+        rngs = distributed.all_objects(torch.get_rng_state())  # each process's dropout stream
+        self._saved_epoch = epoch
+        if not distributed.is_main():
+            return
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -179,11 +236,11 @@ class FoldTrainer:
             "best_epoch": best_epoch,
             "history": history,
             "config_hash": config_hash(self.config),
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": rngs[0],
+            "torch_rng_ranks": rngs,
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
         }
         save_torch(self.fold_dir / "last.pt", state)
-        self._saved_epoch = epoch
 
     def _resume(self, scheduler):
         path = self.fold_dir / "last.pt"
@@ -205,7 +262,9 @@ class FoldTrainer:
             self.scaler.load_state_dict(state["scaler"])
             if self.ema is not None and state.get("ema") is not None:
                 self.ema.load_state_dict(state["ema"])
-            torch.set_rng_state(state["torch_rng"])
+            rngs = state.get("torch_rng_ranks") or []
+            same_world = len(rngs) == distributed.world_size()
+            torch.set_rng_state(rngs[distributed.rank()] if same_world else state["torch_rng"])
             if state.get("cuda_rng") is not None and self.device.type == "cuda":
                 torch.cuda.set_rng_state_all(state["cuda_rng"])  # dropout, kornia draw on the GPU
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
@@ -219,7 +278,8 @@ class FoldTrainer:
     def _train_epoch(self, loader, scheduler, epoch: int) -> tuple[float, int]:
         self.model.train()
         epochs, mix_off = self.config.optim.epochs, self.config.augment.mix_off_last_epochs
-        for part in (self.loss_fn, getattr(loader, "sampler", None)):  # epoch-aware components
+        samplers = (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None))
+        for part in (self.loss_fn, *samplers):  # epoch-aware components
             if callable(getattr(part, "set_epoch", None)):
                 part.set_epoch(epoch, epochs)
         augments = [
@@ -241,7 +301,7 @@ class FoldTrainer:
                 for augment in augments:
                     images, targets = augment(images, targets)
             with autocast(self.device, self.amp):
-                logits = self.model(images)
+                logits = self._forward(images)
             loss = self.loss_fn(logits.float(), targets)
             # only the loss: non-finite fp16 gradients are normal, GradScaler skips those steps
             new_bad = (first_bad < 0) & ~torch.isfinite(loss.detach()).all()
@@ -263,7 +323,8 @@ class FoldTrainer:
                 self._check_loss(first_bad, bad_loss, epoch, bar)
                 bar.set_postfix(loss=f"{total.item() / seen:.4f}")
         self._check_loss(first_bad, bad_loss, epoch, bar)
-        return total.item() / max(seen, 1), seen
+        total, seen = distributed.all_sum([total.item(), seen])  # the global batch's figures
+        return total / max(seen, 1), int(seen)
 
     def _check_loss(self, first_bad: torch.Tensor, bad_loss: torch.Tensor, epoch: int, bar):
         """Raise :class:`DivergenceError` if a step of this epoch had a non-finite loss. Called
@@ -322,6 +383,7 @@ class FoldTrainer:
                 channels_last=self.channels_last,
                 desc="validate",
             )
+            probs = distributed.gather_rows(probs)  # under torchrun: every process's shard
             finite = np.isfinite(probs).all(axis=1)
             if not finite.all():
                 raise self._diverged(
@@ -333,6 +395,7 @@ class FoldTrainer:
             improved = self.metric.better(score, best)
             if improved:
                 best, best_epoch = score, epoch
+            if improved and distributed.is_main():
                 save_torch(
                     self.fold_dir / "best.pt",
                     {"model": self._eval_model().state_dict(), "epoch": epoch},
@@ -347,15 +410,17 @@ class FoldTrainer:
                 "seconds": time.perf_counter() - tick,
             }
             history.append(row)
-            write_csv(self.fold_dir / "log.csv", pd.DataFrame(history))
+            if distributed.is_main():
+                write_csv(self.fold_dir / "log.csv", pd.DataFrame(history))
             self._save_last(scheduler, epoch, best, best_epoch, history)
             self.log(
                 f"fold {self.fold} epoch {epoch + 1}/{epochs}  loss {train_loss:.4f}  "
                 f"val_loss {val_loss:.4f}  val_{self.metric.name} {score:.4f} (no TTA)"
                 f"{'  *' if improved else ''}  {row['train_images_per_s']:.0f} img/s"
             )
-            if self.on_epoch_end is not None:
+            if self.on_epoch_end is not None and distributed.is_main():
                 self.on_epoch_end(epoch, row)
+        distributed.barrier()  # best.pt is written before any process loads it
         return FoldResult(
             self.fold, best_epoch + 1, float(best), history, time.perf_counter() - started
         )

@@ -42,6 +42,7 @@ import pandas as pd
 import torch
 import yaml
 
+from competition import distributed
 from competition.config import (
     REPO_ROOT,
     Config,
@@ -555,8 +556,9 @@ def run_folds(record: RunRecord, workspace, produce, folds=None, after_fold=None
     if bad:
         raise ConfigError(f"--folds: fold(s) {bad} out of range 0..{k - 1}")
     pm.hook.competition_configure(config=config)
+    main = distributed.is_main()  # under torchrun every process produces; rank 0 records
     for fold in folds:
-        if record.fold_done(fold):
+        if distributed.from_main(lambda f=fold: record.fold_done(f)):
             log(f"fold {fold}: already done, skipped ({record.fold_dir(fold)})")
         else:
             task = FoldTask(
@@ -566,14 +568,20 @@ def run_folds(record: RunRecord, workspace, produce, folds=None, after_fold=None
                 record.fold_dir(fold),
                 record.path,
             )
-            pm.hook.competition_fold_start(fold=fold, run_dir=record.path, config=config)
+            if main:
+                pm.hook.competition_fold_start(fold=fold, run_dir=record.path, config=config)
             predictions = produce(task)
-            record.record_fold(fold, predictions, workspace)
-            pm.hook.competition_fold_end(fold=fold, result=predictions.result, run_dir=record.path)
-            log(f"fold {fold}: {record.metric.name} {record.fold_score(fold):.4f} {_how(config)}")
+            if main:
+                record.record_fold(fold, predictions, workspace)
+                pm.hook.competition_fold_end(
+                    fold=fold, result=predictions.result, run_dir=record.path
+                )
+                score = record.fold_score(fold)
+                log(f"fold {fold}: {record.metric.name} {score:.4f} {_how(config)}")
+            distributed.barrier()
         if after_fold is not None:
             after_fold(fold, record)
-    return record.finish(workspace)
+    return distributed.from_main(lambda: record.finish(workspace))
 
 
 def _how(config: Config) -> str:
@@ -584,8 +592,16 @@ def _how(config: Config) -> str:
 def produce_run(
     workspace, produced_by: dict, produce, folds=None, dirs=OutputDirs(), after_fold=None
 ) -> dict:
-    """Open ``runs/<name>`` (locked), run :func:`run_folds`, release the lock; the ``cv`` dict."""
+    """Open ``runs/<name>`` (locked), run :func:`run_folds`, release the lock; the ``cv`` dict.
+
+    Under torchrun rank 0 opens the run for writing; the other processes read it.
+    """
+    if not distributed.is_main():
+        distributed.barrier()  # rank 0 has created (or resumed) the run
+        record = RunRecord.open(Path(dirs.runs_dir) / workspace.config.name, dirs)
+        return run_folds(record, workspace, produce, folds, after_fold)
     with RunRecord.create(workspace, produced_by, dirs) as record:
+        distributed.barrier()
         return run_folds(record, workspace, produce, folds, after_fold)
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from competition import distributed
 from competition.config import REPO_ROOT, Config
 from competition.data import Competition, read_competition
-from competition.device import select_device
+from competition.device import amp_dtype, select_device
 from competition.errors import PluginError
 from competition.folds import FOLDS_DIR, load_or_make_folds
 from competition.images import MappedImages, cache_path, cached_images
@@ -30,7 +31,8 @@ class Workspace:
         self.log = log
         self.pm = get_plugin_manager()
         self.metric = get_metric(config.metric)
-        self.device = select_device(config.device)
+        self.device = distributed.setup(select_device(config.device))
+        amp_dtype(self.device, config.amp)  # amp=fp16 on a CPU fails here, not mid-epoch
         self.competition: Competition = read_competition(config)
         self.classes = self.competition.classes
         self.fold_of = load_or_make_folds(
@@ -101,6 +103,8 @@ class Workspace:
     def loader(self, split: str, index=None, train: bool = False, seed: int = 0, extra=None):
         """Batches of ``split`` (rows ``index``): training transforms when ``train``, else eval.
 
+        Under torchrun, evaluation loaders hold this process's shard of the rows
+        (:func:`competition.distributed.gather_rows` puts the predictions back together).
         ``extra`` (:class:`ExtraRows`) appends images of another split with given targets
         (pseudo-labels); soft targets make every row's target a soft row.
         """
@@ -108,6 +112,8 @@ class Workspace:
         table = getattr(self.competition, split)
         images = self.images(split)
         targets = table["target"].to_numpy() if "target" in table else None
+        if not train and distributed.active():  # this process's rows; gather_rows joins them
+            index = distributed.shard(np.arange(len(table)) if index is None else index)
         if index is not None:
             images = _Subset(images, index)
             targets = None if targets is None else targets[index]
@@ -121,7 +127,8 @@ class Workspace:
             else (self.config.augment.eval, self.eval_size, "augment.eval")
         )
         pipeline = SamplePipeline(specs, size, key, self.pm)
-        pipeline(np.array(images[0]))  # fail here, not in a worker, if the output size is wrong
+        if len(images):  # fail here, not in a worker, if the output size is wrong
+            pipeline(np.array(images[0]))
         dataset = ImageDataset(images, targets, pipeline, soft)
         batch = data.batch_size if train else (data.eval_batch_size or data.batch_size * 2)
         sampler = None
