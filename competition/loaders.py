@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from competition import distributed
 from competition.config import TransformSpec
 from competition.errors import PluginError
 from competition.manager import resolve
@@ -101,18 +102,27 @@ def make_loader(
 
     ``sampler(generator) -> Sampler`` (training only) chooses the rows of an epoch from the
     loader's generator (see ``competition_register_samplers``); without it training shuffles.
-    Workers are started per epoch (not persistent) so :func:`reseed` makes every epoch's shuffle
-    and augmentation a function of the seed alone: a resumed run repeats an uninterrupted one.
+    Under torchrun each process loads its chunk of every global batch of ``batch_size``
+    (:class:`~competition.distributed.RankBatches`). Workers are started per epoch (not
+    persistent) so :func:`reseed` makes every epoch's shuffle and augmentation a function of the
+    seed alone: a resumed run repeats an uninterrupted one.
     """
     generator = torch.Generator()
     chosen = sampler(generator) if train and sampler is not None else None
     n = len(chosen) if chosen is not None else len(dataset)
+    batches = {
+        "batch_size": batch_size,
+        "shuffle": train and chosen is None,
+        "sampler": chosen,
+        "drop_last": train and n > batch_size,
+    }
+    if train and distributed.active():  # this rank's chunk of each global batch
+        order = chosen if chosen is not None else RandomSampler(dataset, generator=generator)
+        rank, size = distributed.rank(), distributed.world_size()
+        batches = {"batch_sampler": distributed.RankBatches(order, batch_size, rank, size)}
     loader = DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=train and chosen is None,
-        sampler=chosen,
-        drop_last=train and n > batch_size,
+        **batches,
         num_workers=workers,
         pin_memory=pin,
         worker_init_fn=_seed_worker,
