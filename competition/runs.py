@@ -18,7 +18,12 @@ On disk, every file written atomically::
     cv.json            metric, per-fold scores, mean, std, pooled OOF, folds done of k, LB
     report.md          scores, curves, recall by frequency, confusions, calibration: figures in
                        report_*.png (competition.report builds them, write_report writes them)
-    .lock, .lock.json  held by the process writing the run (an OS lock: a crash releases it)
+    .lock, .lock.json  the run's lock (an OS lock: a crash releases it), held while a process
+                       writes the run's own files; fold_<k>/.lock while a process makes fold k
+
+Several processes may share one run (``--folds 0,1`` on one GPU, ``--folds 2,3`` on another, or
+the same command twice): each fold is made by the process that claims it, a fold another
+process holds is skipped, and whichever process finishes the last fold writes the complete run.
 
 and ``submissions/<name>.csv`` (``<name>.partial.csv`` while folds are missing).
 """
@@ -67,6 +72,8 @@ from competition.manager import get_plugin_manager
 from competition.metrics import cv_scores, get_metric
 from competition.submission import write_submission
 
+#: Seconds a process waits for another one to finish writing a run's files before giving up.
+LOCK_WAIT_S = 60.0
 RUNS_DIR = REPO_ROOT / "runs"
 SUBMISSIONS_DIR = REPO_ROOT / "submissions"
 PACKAGES = ("torch", "torchvision", "timm", "albumentations", "kornia", "optuna", "pluggy", "numpy")
@@ -207,6 +214,7 @@ class RunRecord:
         self.dirs = dirs
         self.metric = get_metric(config.metric)
         self._lock = None
+        self._fold_locks: dict[int, object] = {}
 
     # -- opening ----------------------------------------------------------------------------------
 
@@ -248,7 +256,7 @@ class RunRecord:
             _check_writable(Path(dirs.submissions_dir), "submissions")
         path.mkdir(exist_ok=True)
         record = cls(path, config, produced_by, dirs)
-        record._acquire_lock()
+        record._acquire_lock(wait=LOCK_WAIT_S)
         try:
             removed = remove_orphan_temporaries(path, recursive=True)
             removed += remove_orphan_temporaries(dirs.submissions_dir)
@@ -266,35 +274,21 @@ class RunRecord:
 
     def __exit__(self, *exc) -> None:
         self.release()
+        for fold in list(self._fold_locks):
+            self._release_fold(fold)
 
-    def _acquire_lock(self) -> None:
-        from filelock import FileLock, Timeout
-
-        lock = FileLock(self.path / ".lock", timeout=0)
-        holder_path = self.path / ".lock.json"
-        try:
-            lock.acquire()
-        except Timeout:
-            try:
-                holder = json.loads(holder_path.read_text())
-            except (OSError, ValueError):
-                holder = {}
+    def _acquire_lock(self, wait: float = 0.0) -> None:
+        """Hold the run's lock, waiting up to ``wait`` seconds (``None``: as long as it takes)."""
+        lock = _hold(self.path, wait)
+        if lock is None:
+            holder = _holder(self.path)
+            waited = f" (waited {wait:g} s)" if wait else ""
             raise RunLockedError(
-                f"{self.path} is in use by process {holder.get('pid', '?')} on "
-                f"{holder.get('host', '?')} ({holder.get('command', '?')}, since "
-                f"{holder.get('since', '?')}). Two processes never write one run: wait for it "
-                "to finish (or stop it), or choose another name (name=...)."
+                f"{self.path} is in use by process {holder}{waited}. Two processes never write "
+                "one run's files at once: wait for it to finish (or stop it), or choose another "
+                "name (name=...)."
             ) from None
         self._lock = lock
-        write_json(
-            holder_path,
-            {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "command": " ".join(sys.argv[:1] + sys.argv[1:])[-300:],
-                "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-            },
-        )
 
     def release(self) -> None:
         """Release the run's lock (idempotent)."""
@@ -302,6 +296,25 @@ class RunRecord:
             (self.path / ".lock.json").unlink(missing_ok=True)
             self._lock.release()
             self._lock = None
+
+    def claim_fold(self, fold: int) -> str:
+        """``done``, ``claimed`` (this process makes the fold and holds ``fold_<k>/.lock``) or
+        the description of the process that holds it."""
+        if self.fold_done(fold):
+            return "done"
+        lock = _hold(self.fold_dir(fold), 0.0)
+        if lock is None:
+            return _holder(self.fold_dir(fold))
+        if self.fold_done(fold):  # finished by another process while we looked
+            _unhold(self.fold_dir(fold), lock)
+            return "done"
+        self._fold_locks[fold] = lock
+        return "claimed"
+
+    def _release_fold(self, fold: int) -> None:
+        lock = self._fold_locks.pop(fold, None)
+        if lock is not None:
+            _unhold(self.fold_dir(fold), lock)
 
     def _write_config(self, log) -> None:
         path = self.path / "config.yaml"
@@ -526,6 +539,46 @@ class RunRecord:
         return cv
 
 
+def _hold(folder: Path, wait: float | None):
+    """The OS lock ``folder/.lock`` (its holder written to ``.lock.json``), or ``None`` if another
+    process still holds it after ``wait`` seconds (``None``: wait as long as it takes)."""
+    from filelock import FileLock, Timeout
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / ".lock", timeout=-1 if wait is None else wait)
+    try:
+        lock.acquire()
+    except Timeout:
+        return None
+    write_json(
+        folder / ".lock.json",
+        {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": " ".join(sys.argv[:1] + sys.argv[1:])[-300:],
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+    )
+    return lock
+
+
+def _unhold(folder: Path, lock) -> None:
+    (folder / ".lock.json").unlink(missing_ok=True)
+    lock.release()
+
+
+def _holder(folder: Path) -> str:
+    """Who holds ``folder/.lock``: ``<pid> on <host> (<command>, since <time>)``."""
+    try:
+        holder = json.loads((folder / ".lock.json").read_text())
+    except (OSError, ValueError):
+        holder = {}
+    return (
+        f"{holder.get('pid', '?')} on {holder.get('host', '?')} "
+        f"({holder.get('command', '?')}, since {holder.get('since', '?')})"
+    )
+
+
 def _normalised(probs: np.ndarray) -> np.ndarray:
     probs = np.asarray(probs, dtype=np.float64)
     return probs / probs.sum(axis=1, keepdims=True)
@@ -558,8 +611,14 @@ def run_folds(record: RunRecord, workspace, produce, folds=None, after_fold=None
     pm.hook.competition_configure(config=config)
     main = distributed.is_main()  # under torchrun every process produces; rank 0 records
     for fold in folds:
-        if distributed.from_main(lambda f=fold: record.fold_done(f)):
+        state = distributed.from_main(lambda f=fold: record.claim_fold(f))
+        if state == "done":
             log(f"fold {fold}: already done, skipped ({record.fold_dir(fold)})")
+        elif state != "claimed":
+            log(
+                f"fold {fold}: process {state} is making it; skipped here. The process that "
+                "finishes the last fold writes the complete run."
+            )
         else:
             task = FoldTask(
                 fold,
@@ -570,9 +629,12 @@ def run_folds(record: RunRecord, workspace, produce, folds=None, after_fold=None
             )
             if main:
                 pm.hook.competition_fold_start(fold=fold, run_dir=record.path, config=config)
+                record.release()  # other processes may claim and record other folds meanwhile
             predictions = produce(task)
             if main:
+                record._acquire_lock(wait=None)
                 record.record_fold(fold, predictions, workspace)
+                record._release_fold(fold)
                 pm.hook.competition_fold_end(
                     fold=fold, result=predictions.result, run_dir=record.path
                 )
@@ -581,6 +643,11 @@ def run_folds(record: RunRecord, workspace, produce, folds=None, after_fold=None
             distributed.barrier()
         if after_fold is not None:
             after_fold(fold, record)
+    if not record.done_folds():
+        raise RunLockedError(
+            f"{record.path}: every fold asked for is being made by another process and none is "
+            "finished yet; run this command again when they are done"
+        )
     return distributed.from_main(lambda: record.finish(workspace))
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from competition import hookimpl
+from competition import hookimpl, runs
 from competition.baseline import BaselineOptions, run_baseline
 from competition.cli import main
 from competition.config import REPO_ROOT
@@ -203,31 +203,43 @@ HOLDER = textwrap.dedent(
     runs, folds, subs = (sys.argv[2] + "/" + n for n in ("runs", "folds", "submissions"))
     dirs = OutputDirs(runs, folds, subs)
     record = RunRecord.create(Workspace(config, folds, print), {"verb": "train"}, dirs)
+    if config.name == "claims-fold-0":  # hold fold 0 only, as a process training it does
+        assert record.claim_fold(0) == "claimed"
+        record.release()
     print("holding", flush=True)
     time.sleep(60)
     """
 )
 
 
-def test_a_second_process_on_a_locked_run_is_refused_with_the_holders_pid(
-    kaggle_small, tmp_path, run_paths
-):
-    config = trashnet_config(kaggle_small, tmp_path)
-    overrides = [f"competition.root={kaggle_small}", "folds.k=2", "name=t"]
+def same_config(kaggle_small, tmp_path, name: str) -> list[str]:
+    """Overrides of configs/trashnet.yaml giving ``trashnet_config(kaggle_small, tmp_path)``."""
+    overrides = [f"competition.root={kaggle_small}", "folds.k=2", f"name={name}"]
     overrides += [f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=0"]
     overrides += ["model.backbone=resnet10t", "model.pretrained=null", "data.image_size=32"]
-    overrides += ["data.batch_size=8", "optim.epochs=1", "optim.warmup_epochs=0"]
+    return [*overrides, "data.batch_size=8", "optim.epochs=1", "optim.warmup_epochs=0"]
+
+
+def start_holder(kaggle_small, tmp_path, name: str) -> subprocess.Popen:
+    """Another process holding run ``name`` (or, for ``claims-fold-0``, only its fold 0)."""
+    overrides = same_config(kaggle_small, tmp_path, name)
     script = [sys.executable, "-c", HOLDER, str(REPO_ROOT / "configs/trashnet.yaml")]
     holder = subprocess.Popen(
-        [*script, str(tmp_path), *overrides],
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
+        [*script, str(tmp_path), *overrides], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
     )
+    lines = iter(holder.stdout.readline, "")
+    assert "holding" in (line.strip() for line in lines)
+    return holder
+
+
+def test_a_second_process_on_a_locked_run_is_refused_with_the_holders_pid(
+    kaggle_small, tmp_path, run_paths, monkeypatch
+):
+    monkeypatch.setattr(runs, "LOCK_WAIT_S", 1.0)  # a writer normally holds it for moments
+    config = trashnet_config(kaggle_small, tmp_path)
+    holder = start_holder(kaggle_small, tmp_path, "t")
     try:
-        lines = iter(holder.stdout.readline, "")
-        assert "holding" in (line.strip() for line in lines)
-        with pytest.raises(RunLockedError, match=rf"in use by process {holder.pid}\b"):
+        with pytest.raises(RunLockedError, match=rf"in use by process {holder.pid}\b.*waited 1 s"):
             run_cv(config, **run_paths)
     finally:
         holder.kill()
@@ -236,7 +248,65 @@ def test_a_second_process_on_a_locked_run_is_refused_with_the_holders_pid(
     assert run_cv(config, folds=[0], **run_paths)["folds_done"] == [0]
 
 
-def test_one_process_cannot_open_a_run_twice(kaggle_small, tmp_path, run_paths):
+def test_a_fold_another_process_makes_is_skipped_and_the_run_completes_later(
+    kaggle_small, tmp_path, run_paths
+):
+    config = trashnet_config(kaggle_small, tmp_path, "name=claims-fold-0")
+    holder = start_holder(kaggle_small, tmp_path, "claims-fold-0")
+    lines = []
+    try:
+        cv = run_cv(config, log=lines.append, **run_paths)  # all folds asked; fold 0 is taken
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cv["folds_done"] == [1] and not cv["complete"]
+    assert any(f"fold 0: process {holder.pid} on " in line for line in lines), lines
+    assert Path(cv["submission"]).name == "claims-fold-0.partial.csv"
+    cv = run_cv(config, log=lines.append, **run_paths)  # the holder is gone: fold 0 is made now
+    assert cv["complete"] and cv["folds_done"] == [0, 1]
+    assert Path(cv["submission"]).name == "claims-fold-0.csv"
+    assert not (run_paths["submissions_dir"] / "claims-fold-0.partial.csv").exists()
+
+
+def test_two_processes_on_other_folds_of_one_run_write_one_complete_run(
+    kaggle_small, tmp_path, run_paths
+):
+    """``--folds 0`` in one process and ``--folds 1`` in another, at the same time."""
+    script = textwrap.dedent(
+        """
+        import sys
+        from competition.config import load_config
+        from competition.cv import run_cv
+        config = load_config(sys.argv[1], sys.argv[3:])
+        paths = {k: sys.argv[2] + "/" + k.split("_")[0] for k in
+                 ("runs_dir", "folds_dir", "submissions_dir")}
+        print(run_cv(config, folds=[0], **paths)["folds_done"])
+        """
+    )
+    overrides = same_config(kaggle_small, tmp_path, "t")
+    config = trashnet_config(kaggle_small, tmp_path)
+    Workspace(config, run_paths["folds_dir"], quiet).images("train")  # one cache for both
+    command = [sys.executable, "-c", script, str(REPO_ROOT / "configs/trashnet.yaml")]
+    other = subprocess.Popen(
+        [*command, str(tmp_path), *overrides],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    mine = run_cv(config, folds=[1], log=quiet, **run_paths)
+    err = other.communicate(timeout=300)[1]
+    assert other.returncode == 0, err[-2000:]
+    assert mine["folds_done"] in ([1], [0, 1])
+    final = RunRecord.open(run_paths["runs_dir"] / "t").cv()
+    assert final["complete"] and final["folds_done"] == [0, 1]  # whoever ended last finished it
+    assert (run_paths["submissions_dir"] / "t.csv").is_file()
+    assert not (run_paths["submissions_dir"] / "t.partial.csv").exists()
+    assert len(RunRecord.open(run_paths["runs_dir"] / "t").oof()) == 48
+
+
+def test_one_process_cannot_open_a_run_twice(kaggle_small, tmp_path, run_paths, monkeypatch):
+    monkeypatch.setattr(runs, "LOCK_WAIT_S", 0.5)
     config = trashnet_config(kaggle_small, tmp_path)
     dirs = OutputDirs(**run_paths)
     workspace = Workspace(config, dirs.folds_dir, quiet)
