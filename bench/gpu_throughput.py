@@ -200,8 +200,8 @@ def cli_train(args, overrides: list[str], name: str, nproc: int) -> dict:
     result = {"exit": code, "wall_s": wall, "nproc": nproc}
     if logs:
         log = pd.read_csv(logs[-1])
-        # under torchrun each process logs its own share of the global batch
-        rates = (log["train_images_per_s"] * nproc).tolist()
+        # under torchrun rank 0 logs the images of all processes (the engine sums them per epoch)
+        rates = log["train_images_per_s"].tolist()
         later = rates[1:] or rates  # the first epoch pays for cudnn, kornia and the caches
         result |= {"epochs": len(rates), "epoch_img_s": rates, "img_s": statistics.median(later)}
     for path in (ROOT / "runs").glob(f"{name}*"):
