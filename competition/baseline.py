@@ -56,6 +56,7 @@ from competition.io import atomic_path, remove_orphan_temporaries
 from competition.metrics import Metric, get_metric, log_loss
 from competition.progress import progress
 from competition.runs import FoldPredictions, FoldResult, FoldTask, OutputDirs, produce_run
+from competition.runtime import inference_forward, onnx_dir
 from competition.workspace import Workspace
 
 METHODS = ("knn", "ncm", "linear")
@@ -392,15 +393,26 @@ def embedding_key(run: Workspace, split: str, view: str, config: Config | None =
 
 @torch.inference_mode()
 def extract(run: Workspace, model: torch.nn.Module, split: str, views: list[str]) -> dict:
-    """Embeddings (N, D) float32 of ``split`` for each view (``identity``, ``hflip``)."""
-    channels_last = run.config.model.channels_last
+    """Embeddings (N, D) float32 of ``split`` for each view (``identity``, ``hflip``).
+
+    ``model.embed`` runs on ``inference.runtime`` (:mod:`competition.runtime`; equal to eager).
+    """
+    config = run.config
+    channels_last = config.model.channels_last
     chunks: dict[str, list] = {view: [] for view in views}
-    for images, _ in progress(run.loader(split), desc=f"embed {split}", unit="batch"):
+    loader = run.loader(split)
+    count = len(loader.dataset) * len(views)
+    runtime = config.inference.runtime
+    cache = onnx_dir(config)
+    embed = inference_forward(
+        model, "embed", run.device, runtime, config.amp, cache, count, run.log
+    )
+    for images, _ in progress(loader, desc=f"embed {split}", unit="batch"):
         images = to_device(images, run.device, channels_last)
         for view in views:
             x = images.flip(3) if view == "hflip" else images
-            with autocast(run.device, run.config.amp):
-                chunks[view].append(model.embed(x).float().cpu())
+            with autocast(run.device, config.amp):
+                chunks[view].append(embed(x).float().cpu())
     return {view: torch.cat(c).numpy().astype(np.float32) for view, c in chunks.items()}
 
 

@@ -32,6 +32,7 @@ from competition.runs import (
     produce_run,
     run_reference,
 )
+from competition.runtime import onnx_dir
 from competition.workspace import Workspace
 
 
@@ -51,6 +52,8 @@ def predict_splits(workspace: Workspace, model, fold: int, valid_index: np.ndarr
                 channels_last=config.model.channels_last,
                 desc=desc,
                 merge=config.tta_merge,
+                runtime=config.inference.runtime,
+                cache_dir=onnx_dir(config),
             )
         )
 

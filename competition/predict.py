@@ -17,11 +17,15 @@ from competition.device import autocast, to_device
 from competition.errors import ConfigError, PluginError
 from competition.manager import resolve
 from competition.progress import progress
+from competition.runtime import inference_forward
 
 #: How the views' predictions are combined (the config key ``tta_merge``).
 MERGES = ("mean_probs", "mean_logits")
 #: Images per forward when views are concatenated (a typical inference batch); see predict_probs.
 DEFAULT_MAX_ROWS = 256
+#: The same for eager PyTorch on a CPU, where time per image grows past ~64 rows (cache misses:
+#: Lite0 at 224 px ran 38 img/s at 32 rows, 17 img/s at 256; bench/inference.py).
+CPU_MAX_ROWS = 64
 
 
 def _identity(images: torch.Tensor) -> torch.Tensor:
@@ -84,14 +88,21 @@ def batch_logits(
     amp: bool | str = True,
     channels_last: bool = False,
     max_rows: int | None = None,
+    forward=None,
 ) -> torch.Tensor:
     """(V, B, K) float32 logits of every view of one batch already on the device.
 
     Views of the same output size are concatenated, up to ``max_rows`` images per forward
-    (default: the larger of the batch and :data:`DEFAULT_MAX_ROWS`).
+    (default: the larger of the batch and :data:`DEFAULT_MAX_ROWS`). ``forward``: what runs the
+    model (:func:`competition.runtime.inference_forward`; default ``model`` itself).
     """
     rows = len(images)
-    max_rows = max(rows, max_rows or DEFAULT_MAX_ROWS)
+    if max_rows is None:
+        kind = getattr(forward, "kind", "eager")  # competition.runtime.Forward says which
+        eager_cpu = device.type == "cpu" and kind in ("eager", "channels_last")
+        max_rows = CPU_MAX_ROWS if eager_cpu else DEFAULT_MAX_ROWS
+    max_rows = max(rows, max_rows)
+    forward = forward or model
     layout = torch.channels_last if channels_last else torch.contiguous_format
     out: list[torch.Tensor | None] = [None] * len(views)
     pending: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
@@ -100,7 +111,7 @@ def batch_logits(
         group = pending.pop(shape)
         batch = torch.cat([x for _, x in group]) if len(group) > 1 else group[0][1]
         with autocast(device, amp):
-            logits = model(batch.contiguous(memory_format=layout)).float()
+            logits = forward(batch.contiguous(memory_format=layout)).float()
         for j, (i, _) in enumerate(group):
             out[i] = logits[j * rows : (j + 1) * rows]
 
@@ -115,6 +126,13 @@ def batch_logits(
     return torch.stack(out)
 
 
+def _forward(model, loader, device, views, amp, runtime, cache_dir):
+    """The model's forward on ``runtime``, told how many image-views the loader holds."""
+    dataset = getattr(loader, "dataset", None)
+    images = len(dataset) * len(views) if hasattr(dataset, "__len__") else None
+    return inference_forward(model, "forward", device, runtime, amp, cache_dir, images)
+
+
 @torch.inference_mode()
 def predict_logits(
     model: torch.nn.Module,
@@ -125,14 +143,22 @@ def predict_logits(
     channels_last: bool = False,
     desc: str = "predict",
     max_rows: int | None = None,
+    runtime: str = "eager",
+    cache_dir=None,
 ) -> np.ndarray:
-    """(V, N, K) float32 logits of each view, in loader order (for choosing views on OOF)."""
+    """(V, N, K) float32 logits of each view, in loader order (for choosing views on OOF).
+
+    ``runtime``, ``cache_dir``: ``inference.runtime`` and where graphs go (competition.runtime).
+    """
     model.eval()
     views = views or [_identity]
+    forward = _forward(model, loader, device, views, amp, runtime, cache_dir)
     chunks = []
     for images, _ in progress(loader, desc=desc, unit="batch"):
         images = to_device(images, device, channels_last)
-        chunks.append(batch_logits(model, images, views, device, amp, channels_last, max_rows))
+        chunks.append(
+            batch_logits(model, images, views, device, amp, channels_last, max_rows, forward)
+        )
     return torch.cat([c.cpu() for c in chunks], dim=1).numpy()
 
 
@@ -147,16 +173,22 @@ def predict_probs(
     desc: str = "predict",
     merge: str = "mean_probs",
     max_rows: int | None = None,
+    runtime: str = "eager",
+    cache_dir=None,
 ) -> np.ndarray:
-    """Class probabilities (N, K) in loader order, merged over ``views`` (identity if none)."""
+    """Class probabilities (N, K) in loader order, merged over ``views`` (identity if none).
+
+    ``runtime``, ``cache_dir``: ``inference.runtime`` and where graphs go (competition.runtime).
+    """
     if merge not in MERGES:
         raise ConfigError(f"tta_merge: {merge!r} is not one of {', '.join(MERGES)}")
     model.eval()
     views = views or [_identity]
+    forward = _forward(model, loader, device, views, amp, runtime, cache_dir)
     chunks = []
     for images, _ in progress(loader, desc=desc, unit="batch"):
         images = to_device(images, device, channels_last)
-        logits = batch_logits(model, images, views, device, amp, channels_last, max_rows)
+        logits = batch_logits(model, images, views, device, amp, channels_last, max_rows, forward)
         chunks.append(merge_logits(logits, merge).cpu())
     return torch.cat(chunks).numpy().astype(np.float64)
 

@@ -30,6 +30,7 @@ from competition.predict import (
     same_view,
     unique_views,
 )
+from competition.runtime import onnx_dir
 
 #: What ``--tta auto`` tries by default: flips, D4, the five and ten crops, larger test sizes.
 #: Single rotations and single corner crops are left out: with few OOF rows, a lone asymmetric
@@ -191,6 +192,8 @@ def select_tta(
             amp=config.amp,
             channels_last=config.model.channels_last,
             desc=f"fold {fold} TTA candidates",
+            runtime=config.inference.runtime,
+            cache_dir=onnx_dir(config),
         )
         rows_of[fold] = valid_index
         chunks.append(logits)
