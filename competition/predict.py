@@ -23,9 +23,10 @@ from competition.runtime import inference_forward
 MERGES = ("mean_probs", "mean_logits")
 #: Images per forward when views are concatenated (a typical inference batch); see predict_probs.
 DEFAULT_MAX_ROWS = 256
-#: The same for eager PyTorch on a CPU, where time per image grows past ~64 rows (cache misses:
-#: Lite0 at 224 px ran 38 img/s at 32 rows, 17 img/s at 256; bench/inference.py).
-CPU_MAX_ROWS = 64
+#: The same for eager PyTorch on a CPU: one view per forward (the batch's rows), as time per image
+#: grows with the rows there (Lite0 at 224 px: 38 img/s at 32 rows, 30 at 64, 17 at 256;
+#: bench/inference.py) and there is no launch overhead to share.
+CPU_MAX_ROWS = 0
 
 
 def _identity(images: torch.Tensor) -> torch.Tensor:

@@ -257,6 +257,9 @@ class Forward:
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
+        # no busy-waiting between runs: torch works between them (decode, views, softmax) and
+        # spinning ORT threads would take its cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         input_name = session.get_inputs()[0].name
 
