@@ -15,7 +15,13 @@ from competition.config import TransformSpec
 from competition.conformance.augment import check_tta_view, image_batch
 from competition.errors import ConfigError
 from competition.manager import components
-from competition.predict import batch_logits, merge_logits, predict_probs, tta_views
+from competition.predict import (
+    DEFAULT_MAX_ROWS,
+    batch_logits,
+    merge_logits,
+    predict_probs,
+    tta_views,
+)
 
 TTA_VIEWS = sorted(components("tta"))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -182,15 +188,24 @@ def _loader(n: int = 12, batch: int = 4):
 
 
 def test_views_of_one_size_go_through_the_model_together(model):
-    """Same-size views are concatenated: one forward per size per batch, not one per view."""
+    """Same-size views are concatenated: one forward per size per batch, not one per view (the
+    default on GPUs and ONNX Runtime; eager PyTorch on a CPU runs one view per forward)."""
     views = tta_views([TransformSpec("d4"), TransformSpec("multiscale")])  # 8 + 2 larger sizes
     calls = []
     handle = model.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
+    cpu, rows = torch.device("cpu"), DEFAULT_MAX_ROWS
     try:
-        predict_probs(model, _loader(12, 4), torch.device("cpu"), views, desc="t")
+        predict_probs(model, _loader(12, 4), cpu, views, desc="t", max_rows=rows)
     finally:
         handle.remove()
     assert calls == [(32, 3, 32, 32), (4, 3, 37, 37), (4, 3, 42, 42)] * 3
+    calls.clear()
+    handle = model.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
+    try:  # eager on a CPU by default: time per image grows with the rows there
+        predict_probs(model, _loader(4, 4), cpu, views, desc="t")
+    finally:
+        handle.remove()
+    assert calls == [(4, 3, 32, 32)] * 8 + [(4, 3, 37, 37), (4, 3, 42, 42)]
     calls.clear()
     handle = model.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
     try:  # a cap on the rows of one forward splits the concatenation
