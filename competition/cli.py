@@ -85,9 +85,10 @@ def cmd_train(args) -> int | None:
         return distributed.launch(args.nproc, argv)
     try:
         cv = run_cv(config, folds=args.folds)
+        main = distributed.is_main()  # known only while the process group lives
     finally:
         distributed.teardown()
-    if distributed.is_main():
+    if main:
         print(summary_table(cv))
     return None
 
