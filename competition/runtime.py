@@ -31,6 +31,7 @@ import copy
 import hashlib
 import importlib
 import io
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -44,6 +45,8 @@ from competition.io import atomic_path
 
 #: Tolerance of the equality check, relative to the output's scale: max(1, max |eager output|).
 RTOL = 1e-4
+#: The most the exported graphs may take on disk; the least recently used go first.
+CACHE_LIMIT_BYTES = 1 << 30
 #: ``auto`` exports to ONNX only for a call of at least this many images (views included).
 AUTO_MIN_IMAGES = 1000
 #: Packages the ``onnxruntime`` runtime needs (the ``onnx`` extra): runtime, exporter, its IR.
@@ -138,6 +141,24 @@ def graph_key(model: torch.nn.Module, method: str, shape: tuple[int, ...]) -> st
         digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
         digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:20]
+
+
+def prune_graphs(cache_dir: Path, keep: Path, limit: int | None = None) -> list[Path]:
+    """Delete the least recently used graphs until ``cache_dir`` holds at most ``limit`` bytes
+    (:data:`CACHE_LIMIT_BYTES`); every fold and input size has its own graph (~14 MB for Lite0), so
+    the cache would otherwise grow with every run. Returns the deleted files."""
+    limit = CACHE_LIMIT_BYTES if limit is None else limit
+    graphs = sorted(Path(cache_dir).glob("*.onnx"), key=lambda g: g.stat().st_mtime)
+    total = sum(g.stat().st_size for g in graphs)
+    deleted = []
+    for graph in graphs:
+        if total <= limit:
+            break
+        if graph != keep:
+            total -= graph.stat().st_size
+            graph.unlink(missing_ok=True)
+            deleted.append(graph)
+    return deleted
 
 
 def export_onnx(model: torch.nn.Module, method: str, shape: tuple[int, ...], path: Path) -> None:
@@ -252,8 +273,11 @@ class Forward:
         key = graph_key(self.model, self.method, shape)
         name = "x".join(str(s) for s in shape)
         path = self.cache_dir / f"{type(self.model).__name__}-{self.method}-{name}-{key}.onnx"
-        if not path.is_file():
+        if path.is_file():
+            os.utime(path)  # recently used: kept by prune_graphs
+        else:
             export_onnx(self.model, self.method, shape, path)
+            prune_graphs(self.cache_dir, keep=path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
@@ -321,6 +345,7 @@ def inference_forward(
 
 __all__ = [
     "AUTO_MIN_IMAGES",
+    "CACHE_LIMIT_BYTES",
     "ONNX_PACKAGES",
     "RTOL",
     "RUNTIMES",
@@ -331,4 +356,5 @@ __all__ = [
     "inference_forward",
     "missing_onnx_packages",
     "onnx_dir",
+    "prune_graphs",
 ]

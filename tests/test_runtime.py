@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from competition import runtime
 from competition.baseline import BaselineOptions, run_baseline
 from competition.config import REPO_ROOT, load_config
 from competition.cv import predict_run, run_cv
-from competition.runtime import AUTO_MIN_IMAGES, RTOL, choose, inference_forward
+from competition.runtime import AUTO_MIN_IMAGES, RTOL, choose, inference_forward, prune_graphs
 from plugins.backbones import Classifier
 from tests.conftest import trashnet_config
 
@@ -170,3 +171,17 @@ def test_baseline_and_predict_give_eager_oof_on_onnxruntime(kaggle_small, tmp_pa
     assert list((tmp_path / "onnx").glob("*forward*.onnx"))
     read = lambda run: pd.read_csv(Path(run) / "oof.csv").iloc[:, 4:].to_numpy()  # noqa: E731
     np.testing.assert_allclose(read(again["run"]), read(source), atol=1e-4)
+
+
+def test_the_graph_cache_drops_the_least_recently_used_graphs_past_its_limit(tmp_path):
+    graphs = []
+    for i in range(4):  # 100 bytes each, used in this order
+        graph = tmp_path / f"g{i}.onnx"
+        graph.write_bytes(bytes(100))
+        os.utime(graph, (1_000 + i, 1_000 + i))
+        graphs.append(graph)
+    os.utime(graphs[0], (2_000, 2_000))  # g0 used again last
+    deleted = prune_graphs(tmp_path, keep=graphs[3], limit=250)
+    assert deleted == [graphs[1], graphs[2]]  # the two least recently used
+    assert sorted(g.name for g in tmp_path.glob("*.onnx")) == ["g0.onnx", "g3.onnx"]
+    assert prune_graphs(tmp_path, keep=graphs[3], limit=250) == []  # under the limit: no change
