@@ -127,11 +127,17 @@ def batch_logits(
     return torch.stack(out)
 
 
-def _forward(model, loader, device, views, amp, runtime, cache_dir):
-    """The model's forward on ``runtime``, told how many image-views the loader holds."""
+def _view_logits(model, loader, device, desc, views, amp, channels_last, max_rows, runtime, cache):
+    """(V, B, K) logits of every batch of ``loader``, one batch at a time, in loader order; the
+    forward runs on ``runtime`` (:func:`competition.runtime.inference_forward`)."""
+    model.eval()
+    views = views or [_identity]
     dataset = getattr(loader, "dataset", None)
     images = len(dataset) * len(views) if hasattr(dataset, "__len__") else None
-    return inference_forward(model, "forward", device, runtime, amp, cache_dir, images)
+    forward = inference_forward(model, "forward", device, runtime, amp, cache, images)
+    for batch, _ in progress(loader, desc=desc, unit="batch"):
+        batch = to_device(batch, device, channels_last)
+        yield batch_logits(model, batch, views, device, amp, channels_last, max_rows, forward)
 
 
 @torch.inference_mode()
@@ -151,16 +157,9 @@ def predict_logits(
 
     ``runtime``, ``cache_dir``: ``inference.runtime`` and where graphs go (competition.runtime).
     """
-    model.eval()
-    views = views or [_identity]
-    forward = _forward(model, loader, device, views, amp, runtime, cache_dir)
-    chunks = []
-    for images, _ in progress(loader, desc=desc, unit="batch"):
-        images = to_device(images, device, channels_last)
-        chunks.append(
-            batch_logits(model, images, views, device, amp, channels_last, max_rows, forward)
-        )
-    return torch.cat([c.cpu() for c in chunks], dim=1).numpy()
+    args = (desc, views, amp, channels_last, max_rows, runtime, cache_dir)
+    chunks = [logits.cpu() for logits in _view_logits(model, loader, device, *args)]
+    return torch.cat(chunks, dim=1).numpy()
 
 
 @torch.inference_mode()
@@ -177,20 +176,15 @@ def predict_probs(
     runtime: str = "eager",
     cache_dir=None,
 ) -> np.ndarray:
-    """Class probabilities (N, K) in loader order, merged over ``views`` (identity if none).
+    """Class probabilities (N, K) in loader order, merged over ``views`` (identity if none);
+    the views are merged batch by batch, so only (N, K) is kept, never (V, N, K).
 
     ``runtime``, ``cache_dir``: ``inference.runtime`` and where graphs go (competition.runtime).
     """
     if merge not in MERGES:
         raise ConfigError(f"tta_merge: {merge!r} is not one of {', '.join(MERGES)}")
-    model.eval()
-    views = views or [_identity]
-    forward = _forward(model, loader, device, views, amp, runtime, cache_dir)
-    chunks = []
-    for images, _ in progress(loader, desc=desc, unit="batch"):
-        images = to_device(images, device, channels_last)
-        logits = batch_logits(model, images, views, device, amp, channels_last, max_rows, forward)
-        chunks.append(merge_logits(logits, merge).cpu())
+    args = (desc, views, amp, channels_last, max_rows, runtime, cache_dir)
+    chunks = [merge_logits(v, merge).cpu() for v in _view_logits(model, loader, device, *args)]
     return torch.cat(chunks).numpy().astype(np.float64)
 
 
