@@ -293,8 +293,7 @@ class RunRecord:
     def release(self) -> None:
         """Release the run's lock (idempotent)."""
         if self._lock is not None:
-            (self.path / ".lock.json").unlink(missing_ok=True)
-            self._lock.release()
+            _unhold(self.path, self._lock)
             self._lock = None
 
     def claim_fold(self, fold: int) -> str:
